@@ -1,0 +1,3 @@
+from emorecog_stream.cli import main
+
+raise SystemExit(main())

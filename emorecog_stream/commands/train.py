@@ -1,0 +1,13 @@
+"""`emorecog-stream train` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def main(args: argparse.Namespace) -> int:
+    raise SystemExit("emorecog-stream train: not implemented yet")

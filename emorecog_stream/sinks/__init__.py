@@ -1,0 +1,1 @@
+"""Outputs: MQTT publisher, embedded broker, JSONL session log, terminal dashboard."""
