@@ -1,0 +1,482 @@
+"""The live pipeline: chunks in -> aligner -> model stepper -> outputs, all on one event loop.
+
+Why it is shaped like this:
+
+* **Reacting, not ticking.** Work happens in :meth:`Engine.process_chunk`, called for every chunk
+  an inlet delivers, and in one timer armed for the earliest moment something can happen
+  without new data (the aligner's next deadline, a stream going stale, the end of
+  ``--duration``). A polling tick would add up to one tick of latency to every prediction.
+* **One clock.** Sample timestamps, deadlines and stall timeouts are on the LSL clock. When the
+  input is a replay sped up ``time_scale`` times (``demo``, tests), the engine stretches the
+  clock back by that factor on the way in, so windows, heart rates, deadlines and stall timeouts
+  mean what they mean in a real scan; published volume timestamps are the original LSL ones.
+* **Missing is explicit.** A physiology stream that stops makes its rates missing (NaN into
+  the model, ``null`` with a false valid flag in the payload, a flag in ``flags``) and the status
+  ``degraded`` with the reason; a stalled fMRI stream pauses predictions (``paused``). A chunk
+  that does not fit (wrong channel count, wrong shape) is rejected and reported, never a crash;
+  non-finite ROI values are replaced by the aligner and flagged.
+* **Outputs never block.** Every :class:`Output` takes a prediction synchronously and queues
+  the slow part (network, terminal) itself; latency is measured from the moment the step became
+  ready (the chunk that completed it arrived, or its deadline fell) to the hand-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from emorecog_stream.config import Config
+from emorecog_stream.messages import AlignedStep, Prediction
+from emorecog_stream.model.api import StreamingModel
+from emorecog_stream.session_state import (
+    ROLE_LABEL,
+    ROLE_RATES,
+    EngineStatus,
+    SessionTracker,
+    StatusTracker,
+)
+from emorecog_stream.streams import CATEGORY_LABELS, N_ROIS, Role
+from emorecog_stream.telemetry import EngineSnapshot, TelemetryRecorder
+
+log = logging.getLogger(__name__)
+
+_EXPECTED_CHANNELS: dict[Role, int] = {
+    Role.FMRI: N_ROIS,
+    Role.PPG: 1,
+    Role.RESP: 1,
+    Role.RATES: 2,
+}
+
+
+class Output(Protocol):
+    """Where predictions go. Methods other than ``aclose`` must return quickly (queue work)."""
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None: ...
+
+    def on_status(self, status: EngineStatus) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What the engine consumes: samples of one role with their LSL timestamps.
+
+    ``received`` is the LSL-clock time the chunk reached this process (for latency); markers
+    carry strings in ``data``. The LSL inlets' own chunk type has the same attributes.
+    """
+
+    role: Role
+    data: Any
+    timestamps: np.ndarray
+    received: float
+
+
+@dataclass
+class EngineCounters:
+    """What happened during a run (also shown in the final summary of ``run``/``demo``)."""
+
+    chunks: int = 0
+    samples: dict[str, int] = field(default_factory=dict)
+    rejected_chunks: int = 0
+    steps: int = 0
+    predictions: int = 0
+    warming_up: int = 0  # steps a windowed model answered with ready=False
+    resets: int = 0
+    model_errors: int = 0
+    deadline_steps: int = 0
+    markers: int = 0
+
+
+class InputError(ValueError):
+    """A chunk that cannot be used; the message names the stream, what was expected and found."""
+
+
+class Engine:
+    """Runs one engine session; see the module docstring for the design.
+
+    ``clock`` is the LSL clock (``pylsl.local_clock``) unless a test supplies another.
+    ``time_scale`` is the replay speed of the input (1 for live streams).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        model: StreamingModel,
+        outputs: Sequence[Output] = (),
+        *,
+        time_scale: float = 1.0,
+        clock: Callable[[], float] | None = None,
+        broker_url: str | None = None,
+    ) -> None:
+        if not (time_scale > 0 and math.isfinite(time_scale)):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale}")
+        if clock is None:
+            import pylsl
+
+            clock = pylsl.local_clock
+        self.config = config
+        self.model = model
+        self.model_id = str(model.model_id)
+        self.stepper = model.stepper()
+        self.outputs = list(outputs)
+        self.time_scale = float(time_scale)
+        self.clock = clock
+        self._origin = clock()
+        self.session_id = config.session.id
+        self.physio_roles = [r for r in config.streams.enabled_roles() if r in ROLE_RATES]
+        self.aligner = make_aligner(config)
+        self.session = SessionTracker(config.engine.reset_gap_trs, config.engine.tr)
+        now = self.now()
+        self.status_tracker = StatusTracker(
+            self.physio_roles,
+            stall_timeout=config.engine.stall_timeout,
+            fmri_stall_trs=config.engine.fmri_stall_trs,
+            started_at=now,
+        )
+        self.telemetry = TelemetryRecorder(
+            session_id=self.session_id,
+            model_id=self.model_id,
+            broker_url=broker_url,
+            started_at=now,
+        )
+        self.counters = EngineCounters()
+        self.status = EngineStatus("starting", "waiting for the fMRI stream")
+        self._input_errors: dict[Role, str] = {}
+        self._sequence = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._stop_at: float | None = None  # engine time
+        self._closed = False
+        self.last_step: AlignedStep | None = None
+
+    # -- time -----------------------------------------------------------------------------
+
+    def to_engine(self, t: float) -> float:
+        """LSL time -> engine time (identity for live input)."""
+        if self.time_scale == 1.0:
+            return t
+        return self._origin + (t - self._origin) * self.time_scale
+
+    def to_lsl(self, t: float) -> float:
+        """Engine time -> LSL time."""
+        if self.time_scale == 1.0:
+            return t
+        return self._origin + (t - self._origin) / self.time_scale
+
+    def now(self) -> float:
+        """The current engine time."""
+        return self.to_engine(self.clock())
+
+    # -- registration -----------------------------------------------------------------------
+
+    def register_stream(self, role: Role, name: str, nominal_rate: float) -> None:
+        """Tell the engine about a resolved stream (nominal rate as declared by the outlet)."""
+        self.telemetry.add_stream(role.value, name, max(0.0, float(nominal_rate)))
+        if role is Role.FMRI and nominal_rate > 0:
+            self.session.set_nominal_tr(1.0 / nominal_rate)
+
+    def stream_absent(self, role: Role, reason: str) -> None:
+        """A configured stream is not available (not found at start, or lost for good)."""
+        self.status_tracker.mark_absent(role, reason)
+        self._update_status()
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def process_chunk(
+        self, role: Role, data: Any, timestamps: Any, received: float | None = None
+    ) -> list[Prediction]:
+        """Take one chunk, emit every step it completes; returns the predictions made."""
+        received = self.clock() if received is None else float(received)
+        self.counters.chunks += 1
+        if role is Role.MARKERS:
+            self.counters.markers += len(np.atleast_1d(timestamps))
+            return []
+        try:
+            values, stamps = self._check_chunk(role, data, timestamps)
+        except InputError as exc:
+            self.counters.rejected_chunks += 1
+            self._input_errors[role] = str(exc)
+            log.warning("%s", exc)
+            self._update_status()
+            self._reschedule()
+            return []
+        if stamps.size == 0:
+            return []
+        self._input_errors.pop(role, None)
+        self.counters.samples[role.value] = self.counters.samples.get(role.value, 0) + len(stamps)
+        monitor = self.telemetry.monitors.get(role.value)
+        if monitor is not None:
+            monitor.add(stamps)
+        engine_stamps = stamps if self.time_scale == 1.0 else self.to_engine(stamps)
+        self.aligner.push(role, values, engine_stamps)
+        self.status_tracker.arrived(role, self.to_engine(received))
+        predictions = self._poll(ready_at=received)
+        self._update_status()
+        self._reschedule()
+        return predictions
+
+    def _check_chunk(self, role: Role, data: Any, timestamps: Any) -> tuple[np.ndarray, np.ndarray]:
+        label = ROLE_LABEL.get(role, role.value)
+        try:
+            values = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{label} chunk: expected numbers, found {exc}") from None
+        stamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        want = _EXPECTED_CHANNELS[role]
+        if values.ndim == 1 and want == 1:
+            values = values[:, None]
+        elif values.ndim == 1 and values.size == want and stamps.size == 1:
+            values = values[None, :]
+        if values.ndim != 2 or values.shape[1] != want:
+            raise InputError(
+                f"{label} chunk rejected: expected (samples, {want}) values,"
+                f" found shape {values.shape}"
+            )
+        if values.shape[0] != stamps.size:
+            raise InputError(
+                f"{label} chunk rejected: {values.shape[0]} samples but {stamps.size} timestamps"
+            )
+        if not np.all(np.isfinite(stamps)):
+            raise InputError(f"{label} chunk rejected: non-finite timestamps")
+        return values, stamps
+
+    def _poll(self, ready_at: float) -> list[Prediction]:
+        steps = self.aligner.poll(self.now())
+        return [p for p in (self._step(s, ready_at) for s in steps) if p is not None]
+
+    def _step(self, step: AlignedStep, ready_at: float) -> Prediction | None:
+        self.counters.steps += 1
+        self.last_step = step
+        if step.deadline_expired:
+            self.counters.deadline_steps += 1
+            # the step became ready when its deadline fell, not when we happened to look
+            ready_at = min(ready_at, self.to_lsl(step.timestamp + self.config.aligner.deadline))
+        admission = self.session.admit(step.timestamp)
+        flags: list[str] = []
+        if admission.reset:
+            self.stepper.reset()
+            self.counters.resets += 1
+            flags.append("state_reset")
+        step = self._apply_stalls(step)
+        hr = step.heart_rate if step.heart_rate_valid else math.nan
+        rr = step.respiration_rate if step.respiration_rate_valid else math.nan
+        if not step.heart_rate_valid:
+            flags.append("heart_rate_missing")
+        if not step.respiration_rate_valid:
+            flags.append("respiration_rate_missing")
+        if step.deadline_expired:
+            flags.append("deadline_expired")
+        if step.roi_nonfinite:
+            flags.append("roi_nonfinite")
+        if not step.roi_valid:
+            flags.append("roi_invalid")
+        out = self.stepper.step(step.roi, hr, rr)
+        if not out.ready:
+            self.counters.warming_up += 1
+            return None
+        probs = tuple(float(p) for p in np.asarray(out.probabilities).reshape(-1))
+        intensity = float(out.intensity)
+        if len(probs) != 3 or not all(math.isfinite(v) for v in (*probs, intensity)):
+            self.counters.model_errors += 1
+            log.error("model gave a non-finite or malformed output at volume %s", step.index)
+            return None
+        from emorecog_stream.sinks.payload import utc_now
+
+        volume_ts = self.to_lsl(step.timestamp)
+        prediction = Prediction(
+            session=self.session_id,
+            sequence=self._sequence,
+            tr_index=admission.tr_index,
+            volume_timestamp=volume_ts,
+            utc=utc_now(),
+            probabilities=probs,  # type: ignore[arg-type]
+            category=CATEGORY_LABELS[int(np.argmax(probs))],
+            intensity=intensity,
+            heart_rate=float(step.heart_rate) if step.heart_rate_valid else None,
+            heart_rate_valid=bool(step.heart_rate_valid),
+            respiration_rate=float(step.respiration_rate) if step.respiration_rate_valid else None,
+            respiration_rate_valid=bool(step.respiration_rate_valid),
+            model_id=self.model_id,
+            latency_ms=max(0.0, (self.clock() - ready_at) * 1000.0),
+            level=out.level,
+            flags=tuple(flags),
+        )
+        self._sequence += 1
+        self.counters.predictions += 1
+        for output in self.outputs:
+            try:
+                output.on_prediction(prediction, step)
+            except Exception:  # an output must not take the engine down
+                log.exception("output %r failed on a prediction", output)
+        self.telemetry.record_prediction(
+            prediction,
+            heart_rate_quality=step.heart_rate_quality,
+            respiration_rate_quality=step.respiration_rate_quality,
+        )
+        return prediction
+
+    def _apply_stalls(self, step: AlignedStep) -> AlignedStep:
+        """Rates fed by a stalled stream are missing, whatever was left in the buffers."""
+        missing = set(self.status.missing)
+        if not missing:
+            return step
+        notes = list(step.notes)
+        changes: dict[str, Any] = {}
+        for rate in ("heart_rate", "respiration_rate"):
+            if rate in missing and getattr(step, f"{rate}_valid"):
+                changes[rate] = math.nan
+                changes[f"{rate}_valid"] = False
+                notes.append(f"{rate.replace('_', ' ')} missing: {self.status.reason}")
+        return replace(step, notes=tuple(notes), **changes) if changes else step
+
+    # -- status and timer ---------------------------------------------------------------------
+
+    def _update_status(self) -> None:
+        now = self.now()
+        status = self.status_tracker.status(now, self.session.tr)
+        if self._input_errors and status.state in ("online", "degraded"):
+            errors = "; ".join(self._input_errors.values())
+            reason = f"{status.reason}; {errors}" if status.reason else errors
+            status = EngineStatus("degraded", reason, status.missing)
+        if status != self.status:
+            self.status = status
+            self.telemetry.set_status(status.state, status.reason)
+            if status.state != "online" or status.reason:
+                log.info("status %s: %s", status.state, status.reason)
+            for output in self.outputs:
+                try:
+                    output.on_status(status)
+                except Exception:
+                    log.exception("output %r failed on a status change", output)
+
+    def _reschedule(self) -> None:
+        if self._loop is None or self._closed:
+            return
+        now = self.now()
+        candidates = [
+            t
+            for t in (
+                self.aligner.next_deadline(),
+                self.status_tracker.next_change(now, self.session.tr),
+                self._stop_at,
+            )
+            if t is not None
+        ]
+        when = min(candidates) if candidates else None
+        if when == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            # engine seconds -> real seconds; a hair late so the deadline has surely passed
+            delay = max(0.0, (when - now) / self.time_scale) + 1e-4
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self.now()
+        if self._stop_at is not None and now >= self._stop_at:
+            self._stop.set()
+            return
+        self._poll(ready_at=self.clock())
+        self._update_status()
+        self._reschedule()
+
+    # -- running ------------------------------------------------------------------------------
+
+    def snapshot(self, mqtt: Any = None) -> EngineSnapshot:
+        """The dashboard's view now (``mqtt``: a ``telemetry.MqttStats`` to include)."""
+        return self.telemetry.snapshot(self.clock(), mqtt=mqtt)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from signal handlers on the loop)."""
+        self._stop.set()
+
+    async def run(
+        self, source: AsyncIterator[Any] | None = None, *, duration: float | None = None
+    ) -> EngineCounters:
+        """Consume ``source`` (chunks) until stopped, ``duration`` seconds passed, or it ends.
+
+        On the way out every output is closed (MQTT status offline and queue flushed, log
+        closed), whatever stopped the run.
+        """
+        self._loop = asyncio.get_running_loop()
+        if duration is None and self.config.session.duration > 0:
+            duration = self.config.session.duration
+        if duration is not None:
+            self._stop_at = self.now() + duration * self.time_scale
+        for output in self.outputs:
+            output.on_status(self.status)
+        self._update_status()
+        self._reschedule()
+        consumer: asyncio.Task[None] | None = None
+        if source is not None:
+            consumer = asyncio.create_task(self._consume(source))
+        stop_waiter = asyncio.create_task(self._stop.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {stop_waiter}
+            if consumer is not None:
+                waiting.add(consumer)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if consumer is not None and consumer in done:
+                consumer.result()  # re-raise what broke the source
+        finally:
+            for task in (consumer, stop_waiter):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            await self.aclose()
+        return self.counters
+
+    async def _consume(self, source: AsyncIterator[Any]) -> None:
+        async for chunk in source:
+            self.process_chunk(chunk.role, chunk.data, chunk.timestamps, chunk.received)
+
+    async def aclose(self) -> None:
+        """Stop the timer, set the status offline and close every output (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.status = EngineStatus("offline", "engine stopped")
+        self.telemetry.set_status("offline", "engine stopped")
+        for output in self.outputs:
+            try:
+                output.on_status(self.status)
+            except Exception:
+                log.exception("output %r failed on the final status", output)
+        for output in self.outputs:
+            try:
+                await output.aclose()
+            except Exception:
+                log.exception("output %r failed to close", output)
+
+
+def make_aligner(config: Config) -> Any:
+    """The core aligner configured from the ``[aligner]`` section and the enabled streams."""
+    from emorecog_stream.aligner import Aligner, AlignerConfig
+
+    roles = tuple(r for r in config.streams.enabled_roles() if r in ROLE_RATES)
+    aligner_config = AlignerConfig(
+        hr_window=config.aligner.hr_window,
+        rr_window=config.aligner.rr_window,
+        deadline=config.aligner.deadline,
+        expected=roles,
+    )
+    return Aligner(aligner_config)
