@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,6 +27,7 @@ __all__ = [
     "EngineSnapshot",
     "LatencyStats",
     "MqttStats",
+    "MqttStatsLike",
     "RateMeter",
     "StreamMonitor",
     "StreamState",
@@ -238,12 +240,35 @@ class StreamStats:
     note: str = ""  # why it is stalled/lost, or a channel/rate mismatch
 
 
+@runtime_checkable
+class MqttStatsLike(Protocol):
+    """What the dashboard reads of a publisher's counters.
+
+    ``sinks.mqtt.MqttPublisher.stats`` (a frozen dataclass with more fields) satisfies it, so the
+    engine can put it into a snapshot as it is.
+    """
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class MqttStats:
-    """The publisher's counters as last read by the engine (a plain copy, no live object).
+    """Publisher counters as a plain immutable copy; the default means "no MQTT output".
 
-    ``state`` is free text from the publisher, e.g. "connected", "connecting",
-    "disconnected", "disabled"; ``queued`` is the backlog waiting for the broker.
+    ``state`` is the publisher's word for its connection (``sinks.mqtt`` uses idle,
+    connecting, connected, disconnected, refused, closed; "disabled" here means no
+    publisher); ``queued`` is the backlog waiting for the broker (or in flight).
     """
 
     state: str = "disabled"
@@ -252,6 +277,18 @@ class MqttStats:
     dropped: int = 0
     reconnects: int = 0
     last_error: str | None = None
+
+    @classmethod
+    def copy_of(cls, stats: MqttStatsLike) -> MqttStats:
+        """A plain copy of any publisher's stats object (for a publisher whose stats mutate)."""
+        return cls(
+            state=str(stats.state),
+            sent=int(stats.sent),
+            queued=int(stats.queued),
+            dropped=int(stats.dropped),
+            reconnects=int(stats.reconnects),
+            last_error=stats.last_error,
+        )
 
 
 class StreamMonitor:
@@ -368,7 +405,7 @@ class EngineSnapshot:
     intensity: float | None = None
     intensity_history: tuple[float, ...] = ()
     latency: LatencySummary = field(default_factory=LatencySummary)
-    mqtt: MqttStats = field(default_factory=MqttStats)
+    mqtt: MqttStatsLike = field(default_factory=MqttStats)  # must be immutable
     broker_url: str | None = None
     uptime_s: float = 0.0
     predictions: int = 0
@@ -410,7 +447,7 @@ class TelemetryRecorder:
         self.intensities: deque[float] = deque(maxlen=history)
         self.predictions = 0
         self.monitors: dict[str, StreamMonitor] = {}
-        self.mqtt = MqttStats()
+        self.mqtt: MqttStatsLike = MqttStats()
         self._last: Prediction | None = None
         self._hr_quality: float | None = None
         self._rr_quality: float | None = None
@@ -448,9 +485,13 @@ class TelemetryRecorder:
         now: float,
         *,
         streams: Iterable[StreamStats] | None = None,
-        mqtt: MqttStats | None = None,
+        mqtt: MqttStatsLike | None = None,
     ) -> EngineSnapshot:
-        """Freeze the current figures. ``streams`` defaults to the monitors' own view at ``now``."""
+        """Freeze the current figures. ``streams`` defaults to the monitors' own view at ``now``.
+
+        ``mqtt`` (e.g. ``MqttPublisher.stats``, already a frozen copy) replaces the stats kept
+        from the previous call; it must not change after it is handed over.
+        """
         if mqtt is not None:
             self.mqtt = mqtt
         if streams is None:

@@ -12,6 +12,7 @@ from emorecog_stream.messages import Prediction
 from emorecog_stream.sinks.dashboard import (
     MAX_REFRESH_HZ,
     Dashboard,
+    LogLinePrinter,
     bar,
     format_log_line,
     render,
@@ -286,3 +287,74 @@ def test_dashboard_survives_a_snapshot_it_cannot_render() -> None:
     dash.start()
     dash.stop()
     assert "dashboard rendering failed: ValueError" in out.getvalue()
+
+
+def test_render_takes_the_publishers_own_stats() -> None:
+    """``MqttPublisher.stats`` goes into a snapshot as it is (no copy needed)."""
+    from emorecog_stream.sinks.mqtt import MqttStats as PublisherStats
+
+    stats = PublisherStats(
+        url="mqtt://127.0.0.1:1883",
+        state="refused",
+        connected=False,
+        protocol="5",
+        sent=7,
+        queued=2,
+        inflight=1,
+        dropped=0,
+        reconnects=1,
+        last_error="not authorised",
+        last_error_utc="2026-11-25T10:00:00.000Z",
+        unsent_at_close=0,
+    )
+    snap = _snapshot(mqtt=stats)
+    text = _text(snap)
+    assert "refused (MQTT 5)" in text
+    assert "sent 7  queued 2  dropped 0  reconnects 1" in text
+    assert "last error: not authorised" in text
+    assert format_log_line(snap).endswith("mqtt refused (queued 2)")
+    copied = MqttStats.copy_of(stats)
+    assert (copied.state, copied.sent, copied.queued, copied.last_error) == (
+        "refused",
+        7,
+        2,
+        "not authorised",
+    )
+
+
+async def test_dashboard_follows_a_snapshot_source() -> None:
+    import asyncio
+
+    out = io.StringIO()
+    dash = Dashboard(Console(file=out, width=100), refresh_per_second=10)
+    calls = 0
+
+    def source() -> EngineSnapshot:
+        nonlocal calls
+        calls += 1
+        return _snapshot(tr_index=calls)
+
+    task = asyncio.create_task(dash.follow(source))
+    while calls < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dash.snapshot.tr_index == calls
+
+
+async def test_log_line_printer_as_engine_output() -> None:
+    from emorecog_stream.session_state import EngineStatus
+
+    out = io.StringIO()
+    printer = LogLinePrinter(out, mqtt_state=lambda: "connected")
+    printer.on_status(EngineStatus("online"))
+    printer.on_prediction(_pred(), None)
+    printer.on_status(EngineStatus("degraded", "PPG stalled", ("heart_rate",)))
+    printer.on_status(EngineStatus("degraded", "PPG stalled", ("heart_rate",)))  # unchanged
+    await printer.aclose()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith("status online")
+    assert lines[1] == format_log_line(_pred(), mqtt_state="connected")
+    assert lines[2].endswith("status degraded (PPG stalled)")

@@ -10,11 +10,14 @@ never waits for the terminal. Without a dashboard (``--no-dashboard``) the engin
 
 from __future__ import annotations
 
+import asyncio
 import math
+import sys
 import threading
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from types import TracebackType
+from typing import TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -30,6 +33,7 @@ __all__ = [
     "HEMODYNAMIC_NOTE",
     "MAX_REFRESH_HZ",
     "Dashboard",
+    "LogLinePrinter",
     "bar",
     "format_log_line",
     "render",
@@ -71,7 +75,7 @@ def _mqtt_style(state: str) -> str:
         return "green"
     if s in ("disabled", "closed"):
         return "dim"
-    if s in ("connecting", "reconnecting"):
+    if s in ("idle", "connecting", "reconnecting"):
         return "yellow"
     return "bold red"
 
@@ -235,6 +239,9 @@ def _outputs_panel(snap: EngineSnapshot) -> Panel:
     m = snap.mqtt
     mq = Text("MQTT     ")
     mq.append(m.state, style=_mqtt_style(m.state))
+    protocol = getattr(m, "protocol", None)  # sinks.mqtt's stats say which MQTT version
+    if protocol:
+        mq.append(f" (MQTT {protocol})", style="dim")
     if snap.broker_url:
         mq.append(f"  {snap.broker_url}", style="dim")
     mq.append(f"\n         sent {m.sent}  queued {m.queued}  dropped {m.dropped}")
@@ -329,6 +336,18 @@ class Dashboard:
                 f"Dashboard.update expects an EngineSnapshot, got {type(snapshot).__name__}"
             )
         self._snapshot = snapshot
+
+    async def follow(self, source: Callable[[], EngineSnapshot]) -> None:
+        """Pull a fresh snapshot from ``source`` at the refresh rate until cancelled.
+
+        Runs on the engine's event loop, so ``source`` (e.g. ``engine.snapshot``) is only ever
+        called from the thread that owns the engine's state; it keeps lags and uptime moving
+        while no prediction comes (a paused fMRI stream).
+        """
+        period = 1.0 / self.refresh_per_second
+        while True:
+            self.update(source())
+            await asyncio.sleep(period)
 
     def start(self) -> Dashboard:
         with self._lock:
@@ -431,3 +450,41 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
     if flags:
         line += "  [" + ",".join(flags) + "]"
     return line
+
+
+class LogLinePrinter:
+    """Headless output: one :func:`format_log_line` per prediction and a line per status change.
+
+    Has the engine's output hooks (``on_prediction``, ``on_status``, ``aclose``); ``mqtt_state``
+    (e.g. ``lambda: publisher.stats.state``) adds the broker connection to every line.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        mqtt_state: Callable[[], str] | None = None,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.mqtt_state = mqtt_state
+        self._last_status: tuple[str, str] | None = None
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def on_prediction(self, prediction: Prediction, step: object = None) -> None:
+        state = self.mqtt_state() if self.mqtt_state is not None else None
+        self._write(format_log_line(prediction, mqtt_state=state))
+
+    def on_status(self, status: object) -> None:
+        state = str(getattr(status, "state", status))
+        reason = str(getattr(status, "reason", ""))
+        if (state, reason) == self._last_status:
+            return
+        self._last_status = (state, reason)
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self._write(f"{_clock(now)}  status {state}" + (f" ({reason})" if reason else ""))
+
+    async def aclose(self) -> None:
+        self.stream.flush()
