@@ -1,13 +1,73 @@
-"""`emorecog-stream run` (placeholder until its issue lands)."""
+"""`emorecog-stream run`: the engine on live LSL streams, publishing predictions over MQTT.
+
+Everything a flag sets can also live in a TOML file (``--config``, see
+``examples/config.toml``); flags win over the file. Without ``--mqtt`` (and no ``[mqtt] url``)
+an embedded broker is started on 127.0.0.1:1883, or on a free port if that one is taken.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (flags override it)")
+    parser.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="broker URL mqtt://host:port or mqtts://host:port (default: embedded broker)",
+    )
+    parser.add_argument("--session", metavar="ID", help="session id, used in the MQTT topics")
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="model checkpoint (.pt) or keras-v1:PATH.h5 (default: the shipped checkpoint)",
+    )
+    parser.add_argument("--log", metavar="FILE", help="append a JSONL audit log of predictions")
+    parser.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
+    )
+    parser.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="print one log line per TR instead of the terminal dashboard",
+    )
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys the flags set (None = not given, keep the file's value)."""
+    return {
+        "mqtt.url": args.mqtt,
+        "session.id": args.session,
+        "model.path": args.model,
+        "output.log": args.log,
+        "session.duration": args.duration,
+        "output.dashboard": False if args.no_dashboard else None,
+    }
+
+
+def load_config_with_flags(args: argparse.Namespace) -> Any:
+    """The validated config: file (if any), then flags; a mistake is a UsageError."""
+    from emorecog_stream.cli import UsageError
+    from emorecog_stream.config import ConfigError, apply_overrides, load_config
+
+    try:
+        config = load_config(args.config)
+        return apply_overrides(config, overrides_from(args))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(args: argparse.Namespace) -> int:
-    raise SystemExit("emorecog-stream run: not implemented yet")
+    import asyncio
+
+    from emorecog_stream.cli import UsageError
+    from emorecog_stream.runner import RunError, run_engine
+
+    config = load_config_with_flags(args)
+    try:
+        asyncio.run(run_engine(config))
+    except RunError as exc:
+        raise UsageError(str(exc)) from None
+    return 0

@@ -1,0 +1,87 @@
+"""Adapters from the engine's :class:`~emorecog_stream.engine.Output` protocol to the sinks.
+
+Each keeps the engine's hot path short: the MQTT publisher queues (its own task owns the
+network) and the dashboard only swaps an immutable snapshot (rich's own thread renders it).
+The JSONL log (``sinks.jsonl.JsonlLog``) and the headless log line
+(``sinks.dashboard.LogLinePrinter``) have the engine's hooks themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from emorecog_stream.messages import AlignedStep, Prediction
+from emorecog_stream.session_state import EngineStatus
+from emorecog_stream.telemetry import EngineSnapshot
+
+
+class MqttOutput:
+    """Predictions, physio and status to an :class:`~emorecog_stream.sinks.mqtt.MqttPublisher`.
+
+    ``aclose`` publishes ``offline`` and waits up to ``flush_timeout`` seconds for the queue to
+    drain (the publisher's own ``close``), so a clean stop loses nothing the broker can take.
+    """
+
+    def __init__(self, publisher: Any, *, flush_timeout: float = 10.0) -> None:
+        self.publisher = publisher
+        self.flush_timeout = float(flush_timeout)
+        self._reason = "engine stopped"
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
+        self.publisher.publish_prediction(prediction)
+        self.publisher.publish_physio(
+            prediction,
+            heart_rate_quality=_quality(step.heart_rate_quality, step.heart_rate_valid),
+            respiration_rate_quality=_quality(
+                step.respiration_rate_quality, step.respiration_rate_valid
+            ),
+        )
+
+    def on_status(self, status: EngineStatus) -> None:
+        if status.state == "offline":  # close() publishes offline after the queue
+            self._reason = status.reason or self._reason
+            return
+        details = {"missing": list(status.missing)} if status.missing else None
+        self.publisher.set_status(status.state, status.reason, details=details)
+
+    async def aclose(self) -> None:
+        await self.publisher.close(timeout=self.flush_timeout, reason=self._reason)
+
+
+def _quality(value: float, valid: bool) -> float | None:
+    if not valid:
+        return None
+    return min(1.0, max(0.0, float(value)))
+
+
+class DashboardOutput:
+    """Feeds the rich dashboard a fresh snapshot on every prediction and status change, and at
+    its refresh rate in between (``Dashboard.follow``) so stream rates and lags stay current
+    while nothing arrives. This is a display refresh, not a processing tick.
+    """
+
+    def __init__(self, dashboard: Any, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.dashboard = dashboard
+        self.snapshot = snapshot
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.dashboard.start()
+        self._task = asyncio.get_running_loop().create_task(self.dashboard.follow(self.snapshot))
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
+        self.dashboard.update(self.snapshot())
+
+    def on_status(self, status: EngineStatus) -> None:
+        self.dashboard.update(self.snapshot())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.dashboard.update(self.snapshot())
+        self.dashboard.stop()

@@ -1,0 +1,286 @@
+"""Assembling a running engine from a :class:`~emorecog_stream.config.Config`.
+
+``run`` and ``demo`` (and the end-to-end tests) share this: load the model, start the
+embedded broker when no URL is configured, open the MQTT publisher, the JSONL log and the
+dashboard (or the headless log line), resolve the LSL streams, and run the
+:class:`~emorecog_stream.engine.Engine` until Ctrl-C, ``--duration`` or :meth:`Engine.stop`.
+Every user mistake found on the way (bad model path, unwritable log, stream not found or of the
+wrong shape, bad MQTT settings) becomes a :class:`RunError` with a message that says what was
+expected and what was found, before anything starts publishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from emorecog_stream.config import Config
+from emorecog_stream.engine import Engine, EngineCounters, Output
+from emorecog_stream.engine_outputs import DashboardOutput, MqttOutput
+from emorecog_stream.session_state import ROLE_LABEL, ROLE_RATES
+from emorecog_stream.streams import Role
+
+
+class RunError(Exception):
+    """A problem the user can fix (printed without a traceback by the commands)."""
+
+
+@dataclass
+class RunHooks:
+    """Optional callbacks for embedding the engine (the demo and the tests use them)."""
+
+    on_engine: Callable[[Engine], None] | None = None  # the engine exists, streams resolved
+    on_broker: Callable[[str], None] | None = None  # the broker URL in use
+
+
+def load_model_for(config: Config) -> Any:
+    """The model named in ``[model] path`` (empty: the shipped default)."""
+    from emorecog_stream.model import load_model
+
+    path = config.model.path or None
+    try:
+        return load_model(path)
+    except FileNotFoundError as exc:
+        raise RunError(f"model not found: {exc}") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise RunError(f"cannot load model {path or '(default)'}: {exc}") from None
+
+
+def mqtt_settings_for(config: Config, url: str) -> Any:
+    """:class:`~emorecog_stream.sinks.mqtt.MqttSettings` from the ``[mqtt]`` section."""
+    from emorecog_stream.sinks.mqtt import MqttConfigError, MqttSettings
+
+    m = config.mqtt
+    options: dict[str, Any] = {
+        "topic_prefix": m.topic_prefix,
+        "queue_capacity": m.queue_size,
+        "message_expiry_s": m.message_expiry or None,
+        "tls_insecure": m.tls_insecure,
+    }
+    for key, value in (
+        ("username", m.username),
+        ("ca_file", m.tls_ca),
+        ("cert_file", m.tls_cert),
+        ("key_file", m.tls_key),
+        ("client_id", m.client_id),
+    ):
+        if value:
+            options[key] = value
+    try:
+        return MqttSettings.from_url(
+            url,
+            password_env=m.password_env or None,
+            password_file=m.password_file or None,
+            **options,
+        )
+    except MqttConfigError as exc:
+        raise RunError(f"MQTT settings: {exc}") from None
+
+
+def inlet_specs(config: Config) -> list[Any]:
+    """One LSL inlet spec per enabled stream role."""
+    from emorecog_stream.adapters.lsl_inlet import InletSpec
+
+    specs = []
+    for role in config.streams.enabled_roles():
+        s = getattr(config.streams, role.value)
+        try:
+            specs.append(
+                InletSpec(
+                    role=role,
+                    name=s.name,
+                    type=s.type,
+                    source_id=s.source_id,
+                    channels=s.channels if role is not Role.MARKERS else None,
+                    rate=s.rate,
+                    rate_tolerance=s.rate_tolerance,
+                )
+            )
+        except ValueError as exc:
+            raise RunError(f"[streams.{role.value}]: {exc}") from None
+    return specs
+
+
+def listen_hints(url: str, session: str, prefix: str) -> list[str]:
+    """How to watch the predictions (printed at start)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    tls = " --cafile CA.pem" if parts.scheme == "mqtts" else ""
+    return [
+        f"  emorecog-stream listen --mqtt {url} --session {session}",
+        f"  mosquitto_sub -h {host} -p {port}{tls} -t '{prefix}/{session}/#' -v",
+    ]
+
+
+async def run_engine(
+    config: Config,
+    *,
+    model: Any = None,
+    time_scale: float = 1.0,
+    hooks: RunHooks | None = None,
+    out: TextIO | None = None,
+    console: Any = None,
+    install_signal_handlers: bool = True,
+) -> EngineCounters:
+    """Run the engine on live LSL streams as ``config`` says; return its counters.
+
+    ``time_scale``: the replay speed of the input (1 for live streams).
+    ``out``: where the start-up lines and (headless) log lines go (default stdout).
+    """
+    from emorecog_stream.adapters.lsl_inlet import InletGroup, LslAdapterError
+    from emorecog_stream.sinks.broker import BrokerStartError, EmbeddedBroker
+    from emorecog_stream.sinks.jsonl import JsonlLog, JsonlLogError
+    from emorecog_stream.sinks.mqtt import MqttPublisher
+
+    hooks = hooks or RunHooks()
+    stream = out or sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=stream, flush=True)
+
+    if model is None:
+        model = load_model_for(config)
+    session = config.session.id
+    async with contextlib.AsyncExitStack() as stack:
+        url = config.mqtt.url
+        if not url:
+            broker = EmbeddedBroker()
+            try:
+                url = await broker.start()
+            except BrokerStartError as exc:
+                raise RunError(str(exc)) from None
+            stack.push_async_callback(broker.stop)
+            say(f"embedded MQTT broker listening on {url}")
+        settings = mqtt_settings_for(config, url)
+        if hooks.on_broker is not None:
+            hooks.on_broker(url)
+
+        log = None
+        if config.output.log:
+            try:
+                log = JsonlLog(
+                    config.output.log,
+                    session=session,
+                    model_id=str(model.model_id),
+                    meta={"broker": settings.url},
+                )
+            except JsonlLogError as exc:
+                raise RunError(str(exc)) from None
+            stack.callback(log.close)  # no-op after the engine closed it
+
+        physio = [r for r in config.streams.enabled_roles() if r in ROLE_RATES]
+        optional = [*physio, Role.MARKERS]
+        group = InletGroup(inlet_specs(config), optional=optional)
+        say(f"looking for the fMRI stream ({_describe_stream(config, Role.FMRI)}) ...")
+        try:
+            metas = await group.open(timeout=config.engine.resolve_timeout / time_scale)
+        except LslAdapterError as exc:
+            raise RunError(str(exc)) from None
+        stack.push_async_callback(group.close)
+
+        publisher = MqttPublisher(
+            settings,
+            session,
+            model_id=str(model.model_id),
+            initial_state="starting",
+            initial_reason="waiting for the fMRI stream",
+        )
+        await publisher.start()
+        outputs: list[Output] = [MqttOutput(publisher)]
+        if log is not None:
+            outputs.append(log)
+        engine_box: list[Engine] = []
+
+        def snapshot() -> Any:
+            return engine_box[0].snapshot(mqtt=publisher.stats)
+
+        dashboard_output: DashboardOutput | None = None
+        if config.output.dashboard:
+            from emorecog_stream.sinks.dashboard import Dashboard
+
+            dashboard_output = DashboardOutput(Dashboard(console=console), snapshot)
+            outputs.append(dashboard_output)
+        else:
+            from emorecog_stream.sinks.dashboard import LogLinePrinter
+
+            outputs.append(LogLinePrinter(out, mqtt_state=lambda: publisher.stats.state))
+
+        engine = Engine(config, model, outputs, time_scale=time_scale, broker_url=settings.url)
+        engine_box.append(engine)
+        for role, meta in metas.items():
+            engine.register_stream(role, meta.name, meta.nominal_srate)
+        for role in optional:
+            if role in group.inlets and role not in metas:
+                engine.register_stream(role, getattr(config.streams, role.value).name, 0.0)
+        say(f"model {model.model_id}; session {session!r}; predictions on {settings.url}:")
+        for line in listen_hints(settings.url, session, config.mqtt.topic_prefix):
+            say(line)
+        if hooks.on_engine is not None:
+            hooks.on_engine(engine)
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, engine.stop)
+                    installed.append(sig)
+        if dashboard_output is not None:
+            dashboard_output.start()
+        try:
+            counters = await engine.run(_chunks(group, engine))
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await engine.aclose()
+        say(_summary(engine, publisher))
+        return counters
+
+
+async def _chunks(group: Any, engine: Engine) -> Any:
+    """Chunks for the engine; inlet state events become notes on the engine's status."""
+    from emorecog_stream.adapters.lsl_inlet import Chunk, StreamEvent
+
+    async for item in group:
+        if isinstance(item, Chunk):
+            yield _EngineChunk(item.role, item.data, item.timestamps, item.receipt_time)
+        elif isinstance(item, StreamEvent) and item.state.value == "error":
+            engine.stream_absent(item.role, f"{ROLE_LABEL[item.role]} stream: {item.reason}")
+
+
+@dataclass(frozen=True)
+class _EngineChunk:
+    role: Role
+    data: Any
+    timestamps: Any
+    received: float
+
+
+def _describe_stream(config: Config, role: Role) -> str:
+    s = getattr(config.streams, role.value)
+    parts = [
+        f"{k}={v!r}"
+        for k, v in (("name", s.name), ("type", s.type), ("source_id", s.source_id))
+        if v
+    ]
+    return " ".join(parts)
+
+
+def _summary(engine: Engine, publisher: Any) -> str:
+    c = engine.counters
+    s = publisher.stats
+    lat = engine.telemetry.latency.summary()
+    p50 = f"{lat.p50_ms:.2f}" if lat.p50_ms is not None else "-"
+    p99 = f"{lat.p99_ms:.2f}" if lat.p99_ms is not None else "-"
+    return (
+        f"stopped: {c.predictions} predictions from {c.steps} volumes"
+        f" ({c.resets} state resets, {c.deadline_steps} on deadline,"
+        f" {c.rejected_chunks} chunks rejected); latency p50 {p50} ms, p99 {p99} ms;"
+        f" MQTT sent {s.sent}, unsent {s.unsent_at_close}, dropped {s.dropped}"
+    )
