@@ -40,6 +40,8 @@ class AlignedStep:
     respiration_rate_quality: float = 0.0
     roi_nonfinite: int = 0  # ROI values that were NaN/Inf in the received volume
     deadline_expired: bool = False  # emitted on the deadline, before all physiology had arrived
+    heart_rate_source: str = ""  # "ppg" (from the waveform), "rates" (rate stream) or ""
+    respiration_rate_source: str = ""  # "resp" (from the waveform), "rates" or ""
     notes: tuple[str, ...] = field(default_factory=tuple)  # human-readable reasons for flags
 
 

@@ -1,0 +1,447 @@
+"""Turn timestamped samples of fMRI, PPG, respiration and rates into one step per fMRI volume.
+
+Rule (the same live and offline): the step of the volume with timestamp ``t`` carries
+
+- the ROI vector, non-finite values replaced by the ROI's last finite value (0 before any) and
+  counted; ``roi_valid`` is False when more than ``max_roi_nonfinite_fraction`` were replaced;
+- the heart rate over ``[t - hr_window_s, t]`` from the PPG samples with timestamps ``<= t``,
+  the respiration rate likewise over ``rr_window_s`` (see :mod:`emorecog_stream.physio`);
+- from a rates stream, the value at or just before ``t`` (no older than ``rates_max_age_s``),
+  used where the waveform gives no valid rate (or there is no waveform).
+
+Live (:class:`Aligner`): a step is emitted as soon as every *expected* stream has a sample with
+a timestamp ``>= t`` (so all of its samples up to ``t`` have arrived, given in-order arrival), or
+when ``now >= t + deadline_s``; then ``deadline_expired`` is set and the late stream's rate is
+computed from what has arrived (valid only if its window is still covered well enough, else
+flagged missing). Steps come out in volume order. Samples that arrive for a time the aligner has
+already moved past are dropped and counted (see :class:`~emorecog_stream.buffers.RingBuffer`).
+
+Offline (:func:`align_session`) feeds a whole recording through the same :class:`Aligner`
+in time order, so for any chunking, interleaving and arrival jitter that keeps within the
+deadline, the live steps equal the offline steps exactly (bit for bit).
+
+Why lazy: physiology is only filtered when a step needs it (``consume`` up to ``t``), so every
+sample is processed once, in order, and the cost per step is O(new samples).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from emorecog_stream.buffers import RingBuffer
+from emorecog_stream.messages import AlignedStep, RateEstimate
+from emorecog_stream.physio import HEART, RESPIRATION, PeakRateTracker
+from emorecog_stream.recordings.session import Session, SignalStream
+from emorecog_stream.streams import N_ROIS, Role
+
+__all__ = ["Aligner", "AlignerConfig", "AlignerStats", "StreamStats", "align_session"]
+
+_PHYSIO = (Role.PPG, Role.RESP)
+_CHANNELS = {Role.PPG: 1, Role.RESP: 1, Role.RATES: 2}
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    """How steps are formed. Defaults follow the benchmark (TR 1 s) and the physiology."""
+
+    hr_window_s: float = 15.0  # heart-rate window ending at the volume
+    rr_window_s: float = 30.0  # respiration window: 8 breaths/min needs ~30 s for 3 intervals
+    deadline_s: float = 2.0  # emit a step at t + deadline even if physiology is late
+    expected: tuple[Role, ...] = (Role.PPG, Role.RESP)  # streams a step waits for
+    ppg_srate: float | None = None  # Hz; required when PPG is pushed
+    resp_srate: float | None = None  # Hz; required when respiration is pushed
+    buffer_s: float = 60.0  # ring-buffer length per physiology stream
+    rates_max_age_s: float = 30.0  # a rates sample older than this is stale
+    max_roi_nonfinite_fraction: float = 0.1  # more replaced ROI values -> roi_valid False
+    max_pending: int = 512  # volumes waiting for physiology; beyond, the oldest is forced out
+    n_rois: int = N_ROIS
+
+    def __post_init__(self) -> None:
+        for name in ("hr_window_s", "rr_window_s", "buffer_s", "rates_max_age_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"AlignerConfig.{name}: expected a number > 0, got {value!r}")
+        if not (isinstance(self.deadline_s, (int, float)) and self.deadline_s >= 0):
+            raise ValueError(f"AlignerConfig.deadline_s: expected >= 0, got {self.deadline_s!r}")
+        roles = tuple(Role(r) for r in self.expected)
+        bad = [r for r in roles if r not in (Role.PPG, Role.RESP, Role.RATES)]
+        if bad:
+            raise ValueError(
+                "AlignerConfig.expected: roles must be among ppg, resp, rates;"
+                f" got {[r.value for r in bad]}"
+            )
+        object.__setattr__(self, "expected", roles)
+        for role, rate in ((Role.PPG, self.ppg_srate), (Role.RESP, self.resp_srate)):
+            if rate is not None and not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"AlignerConfig.{role.value}_srate: expected Hz > 0, got {rate}")
+            if role in roles and rate is None:
+                raise ValueError(
+                    f"AlignerConfig: {role.value} is expected but {role.value}_srate is not set"
+                    " (the band-pass filter needs the sampling rate)"
+                )
+        if not 0 <= self.max_roi_nonfinite_fraction <= 1:
+            raise ValueError(
+                "AlignerConfig.max_roi_nonfinite_fraction: expected 0..1,"
+                f" got {self.max_roi_nonfinite_fraction}"
+            )
+        if int(self.max_pending) < 1:
+            raise ValueError(f"AlignerConfig.max_pending: expected >= 1, got {self.max_pending}")
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Counters of one input stream, for the status topic."""
+
+    samples: int = 0  # samples pushed
+    latest_timestamp: float | None = None
+    buffer_fill: float = 0.0
+    overflow: int = 0  # samples lost before they were used (buffer too small / consumer late)
+    dropped_late: int = 0  # samples for a time already passed, or with a non-finite timestamp
+    nonfinite: int = 0  # non-finite sample values seen by the rate estimator
+    gaps: int = 0  # timestamp gaps seen by the rate estimator
+
+
+@dataclass(frozen=True)
+class AlignerStats:
+    """Counters and quality of the aligner so far."""
+
+    volumes_received: int
+    volumes_dropped: int  # arrived after later volumes had been emitted, or bad timestamp
+    pending: int
+    steps: int
+    steps_on_deadline: int
+    roi_nonfinite: int  # ROI values replaced
+    heart_rate_valid: int  # steps with a valid heart rate
+    respiration_rate_valid: int
+    streams: dict[str, StreamStats] = field(default_factory=dict)
+
+
+class Aligner:
+    """Live aligner: :meth:`push` samples as they arrive, :meth:`poll` for finished steps."""
+
+    def __init__(self, config: AlignerConfig | None = None) -> None:
+        self.config = config or AlignerConfig()
+        cfg = self.config
+        self._expected = cfg.expected
+        self._deadline = float(cfg.deadline_s)
+        self._n_rois = int(cfg.n_rois)
+        self._pend_t: list[float] = []
+        self._pend_roi: list[np.ndarray] = []
+        self._last_emitted = -math.inf
+        self._last_roi = np.zeros(self._n_rois, dtype=np.float32)
+        self._roi_limit = cfg.max_roi_nonfinite_fraction * self._n_rois
+        self._buffers: dict[Role, RingBuffer] = {}
+        self._trackers: dict[Role, PeakRateTracker] = {}
+        self._latest: dict[Role, float] = {r: -math.inf for r in (*_PHYSIO, Role.RATES)}
+        self._pushed: dict[Role, int] = {r: 0 for r in (*_PHYSIO, Role.RATES)}
+        self._volumes = 0
+        self._volumes_dropped = 0
+        self._steps = 0
+        self._steps_deadline = 0
+        self._roi_nonfinite = 0
+        self._hr_valid = 0
+        self._rr_valid = 0
+        for role in cfg.expected:
+            if role in _PHYSIO or role is Role.RATES:
+                self._buffer(role)
+
+    # ------------------------------------------------------------------ input
+    def _buffer(self, role: Role) -> RingBuffer:
+        buf = self._buffers.get(role)
+        if buf is not None:
+            return buf
+        cfg = self.config
+        if role is Role.RATES:
+            buf = RingBuffer(4096, 2)
+        else:
+            fs = cfg.ppg_srate if role is Role.PPG else cfg.resp_srate
+            if fs is None:
+                raise ValueError(
+                    f"{role.value} samples pushed but AlignerConfig.{role.value}_srate is not set"
+                )
+            buf = RingBuffer(max(16, math.ceil(fs * cfg.buffer_s)), 1)
+            if role is Role.PPG:
+                self._trackers[role] = PeakRateTracker(fs, HEART, cfg.hr_window_s)
+            else:
+                self._trackers[role] = PeakRateTracker(fs, RESPIRATION, cfg.rr_window_s)
+        self._buffers[role] = buf
+        return buf
+
+    def buffer(self, role: Role) -> RingBuffer | None:
+        """The ring buffer of a physiology or rates stream (for display), if it exists."""
+        return self._buffers.get(Role(role))
+
+    def push(self, role: Role | str, data: np.ndarray, timestamps: np.ndarray) -> None:
+        """Add a chunk: fMRI (n, n_rois), PPG/respiration (n, 1) or (n,), rates (n, 2)."""
+        role = Role(role)
+        if role is Role.FMRI:
+            self._push_fmri(data, timestamps)
+            return
+        if role is Role.MARKERS:
+            raise ValueError("markers are not aligned; pass them to the engine, not the aligner")
+        x = np.asarray(data, dtype=np.float64)
+        n_ch = _CHANNELS[role]
+        if x.ndim == 1 and n_ch == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != n_ch:
+            raise ValueError(
+                f"{role.value}: expected samples of shape (n, {n_ch}), got {np.shape(data)}"
+            )
+        buf = self._buffer(role)
+        buf.append(x, timestamps)
+        self._pushed[role] += x.shape[0]
+        latest = buf.latest_timestamp
+        if latest is not None:
+            self._latest[role] = latest
+
+    def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
+        x = np.array(data, dtype=np.float32)  # a copy: the caller may reuse its array
+        if x.ndim == 1:
+            x = x[None, :]
+        ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        if x.ndim != 2 or x.shape[1] != self._n_rois:
+            raise ValueError(
+                f"fmri: expected volumes of shape (n, {self._n_rois}), got {np.shape(data)}"
+            )
+        if ts.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"fmri: expected one timestamp per volume, got {ts.shape[0]} for {x.shape[0]}"
+            )
+        pend_t, pend_roi = self._pend_t, self._pend_roi
+        for i in range(x.shape[0]):
+            t = float(ts[i])
+            self._volumes += 1
+            if not (math.isfinite(t) and t > self._last_emitted):
+                self._volumes_dropped += 1
+                continue
+            if not pend_t or t >= pend_t[-1]:
+                pend_t.append(t)
+                pend_roi.append(x[i])
+            else:
+                k = bisect.bisect_right(pend_t, t)
+                pend_t.insert(k, t)
+                pend_roi.insert(k, x[i])
+
+    # ----------------------------------------------------------------- output
+    def next_deadline(self) -> float | None:
+        """When the oldest waiting volume will be emitted regardless (None if none waits)."""
+        return self._pend_t[0] + self._deadline if self._pend_t else None
+
+    @property
+    def pending(self) -> int:
+        """Volumes waiting for physiology."""
+        return len(self._pend_t)
+
+    def ready(self, t: float) -> bool:
+        """True when every expected stream has a sample at or after ``t``."""
+        latest = self._latest
+        return all(latest[r] >= t for r in self._expected)
+
+    def poll(self, now: float) -> list[AlignedStep]:
+        """Steps that are complete, or whose deadline passed by ``now``, in volume order."""
+        pend_t = self._pend_t
+        if not pend_t:
+            return []
+        out: list[AlignedStep] = []
+        latest = self._latest
+        expected = self._expected
+        deadline = self._deadline
+        force = len(pend_t) - int(self.config.max_pending)
+        while pend_t:
+            t = pend_t[0]
+            ready = True
+            for r in expected:
+                if latest[r] < t:
+                    ready = False
+                    break
+            if not ready and now < t + deadline and force <= 0:
+                break
+            force -= 1
+            pend_t.pop(0)
+            out.append(self._emit(t, self._pend_roi.pop(0), not ready))
+        return out
+
+    def flush(self) -> list[AlignedStep]:
+        """Emit every waiting volume now (end of a recording or of a session)."""
+        return self.poll(math.inf)
+
+    def _estimate(self, role: Role, t: float, notes: list[str]) -> RateEstimate | None:
+        tracker = self._trackers.get(role)
+        if tracker is None:
+            return None
+        buf = self._buffers[role]
+        nonfinite = tracker.nonfinite
+        data, ts = buf.consume(t)
+        if ts.shape[0]:
+            tracker.update(ts, data[:, 0])
+        if tracker.nonfinite != nonfinite:
+            notes.append(f"{role.value}: {tracker.nonfinite - nonfinite} non-finite samples")
+        return tracker.estimate(t)
+
+    def _emit(self, t: float, roi: np.ndarray, expired: bool) -> AlignedStep:
+        notes: list[str] = []
+        # ROI: replace non-finite values by the ROI's last finite value.
+        finite = np.isfinite(roi)
+        n_bad = 0
+        if finite.all():
+            self._last_roi = roi
+        else:
+            n_bad = int(roi.shape[0] - np.count_nonzero(finite))
+            roi = np.where(finite, roi, self._last_roi)
+            self._last_roi = roi
+            self._roi_nonfinite += n_bad
+            notes.append(f"fmri: {n_bad} non-finite ROI values replaced")
+        roi_valid = n_bad <= self._roi_limit
+        if expired:
+            self._steps_deadline += 1
+            late = [r.value for r in self._expected if self._latest[r] < t]
+            notes.append("deadline passed waiting for " + ", ".join(late))
+        hr = self._estimate(Role.PPG, t, notes)
+        rr = self._estimate(Role.RESP, t, notes)
+        hr_v, hr_q, hr_src = _unpack(hr, "ppg", notes)
+        rr_v, rr_q, rr_src = _unpack(rr, "resp", notes)
+        if Role.RATES in self._buffers and (hr_v != hr_v or rr_v != rr_v):
+            got = self._buffers[Role.RATES].value_at(t)
+            if got is None:
+                notes.append("rates: none at or before the volume")
+            elif t - got[1] > self.config.rates_max_age_s:
+                notes.append(f"rates: latest is {t - got[1]:.1f} s old")
+            else:
+                value = got[0]
+                if hr_v != hr_v and math.isfinite(value[0]) and value[0] > 0:
+                    hr_v, hr_q, hr_src = float(value[0]), 1.0, "rates"
+                if rr_v != rr_v and math.isfinite(value[1]) and value[1] > 0:
+                    rr_v, rr_q, rr_src = float(value[1]), 1.0, "rates"
+        hr_ok = hr_v == hr_v
+        rr_ok = rr_v == rr_v
+        self._hr_valid += hr_ok
+        self._rr_valid += rr_ok
+        self._last_emitted = t
+        step = AlignedStep(
+            index=self._steps,
+            timestamp=t,
+            roi=roi,
+            heart_rate=hr_v,
+            respiration_rate=rr_v,
+            roi_valid=roi_valid,
+            heart_rate_valid=hr_ok,
+            respiration_rate_valid=rr_ok,
+            heart_rate_quality=hr_q,
+            respiration_rate_quality=rr_q,
+            roi_nonfinite=n_bad,
+            deadline_expired=expired,
+            heart_rate_source=hr_src,
+            respiration_rate_source=rr_src,
+            notes=tuple(notes),
+        )
+        self._steps += 1
+        return step
+
+    # ----------------------------------------------------------------- status
+    def stats(self) -> AlignerStats:
+        """A snapshot of the counters (cheap; call it for each status message)."""
+        streams: dict[str, StreamStats] = {}
+        for role, buf in self._buffers.items():
+            tracker = self._trackers.get(role)
+            streams[role.value] = StreamStats(
+                samples=self._pushed[role],
+                latest_timestamp=buf.latest_timestamp,
+                buffer_fill=buf.fill,
+                overflow=buf.overflow,
+                dropped_late=buf.dropped_late + buf.dropped_bad_time,
+                nonfinite=tracker.nonfinite if tracker else 0,
+                gaps=tracker.gaps if tracker else 0,
+            )
+        return AlignerStats(
+            volumes_received=self._volumes,
+            volumes_dropped=self._volumes_dropped,
+            pending=len(self._pend_t),
+            steps=self._steps,
+            steps_on_deadline=self._steps_deadline,
+            roi_nonfinite=self._roi_nonfinite,
+            heart_rate_valid=self._hr_valid,
+            respiration_rate_valid=self._rr_valid,
+            streams=streams,
+        )
+
+
+def _unpack(est: RateEstimate | None, source: str, notes: list[str]) -> tuple[float, float, str]:
+    if est is None:
+        return math.nan, 0.0, ""
+    if est.value is None:
+        notes.append(est.reason)
+        return math.nan, 0.0, ""
+    if est.reason:
+        notes.append(est.reason)
+    return est.value, est.quality, source
+
+
+def _srate(stream: SignalStream) -> float:
+    if stream.nominal_srate and stream.nominal_srate > 0:
+        return float(stream.nominal_srate)
+    ts = stream.timestamps[np.isfinite(stream.timestamps)]
+    if ts.shape[0] < 2 or not ts[-1] > ts[0]:
+        raise ValueError(
+            f"stream {stream.name!r}: no nominal rate and too few timestamps to estimate one"
+        )
+    return (ts.shape[0] - 1) / float(ts[-1] - ts[0])
+
+
+def session_config(session: Session, config: AlignerConfig | None = None) -> AlignerConfig:
+    """``config`` completed from a session: sampling rates, and the streams it has as expected."""
+    present = tuple(
+        role
+        for role, stream in ((Role.PPG, session.ppg), (Role.RESP, session.resp))
+        if stream is not None and len(stream) > 0
+    )
+    if session.rates is not None and len(session.rates) > 0:
+        present = (*present, Role.RATES)
+    ppg = _srate(session.ppg) if session.ppg is not None and len(session.ppg) > 0 else None
+    resp = _srate(session.resp) if session.resp is not None and len(session.resp) > 0 else None
+    if config is None:
+        return AlignerConfig(expected=present, ppg_srate=ppg, resp_srate=resp)
+    return replace(
+        config,
+        ppg_srate=config.ppg_srate if config.ppg_srate is not None else ppg,
+        resp_srate=config.resp_srate if config.resp_srate is not None else resp,
+    )
+
+
+def align_session(session: Session, config: AlignerConfig | None = None) -> list[AlignedStep]:
+    """Offline twin of :class:`Aligner`: one step per volume of a recorded session.
+
+    The recording is fed through an :class:`Aligner` in time order, each physiology stream up
+    to its first sample at or after each volume, so the result is what a live aligner gives
+    when every sample arrives before its deadline. With ``config=None`` the streams the
+    session has are the expected ones and the sampling rates come from the session.
+    """
+    cfg = session_config(session, config)
+    aligner = Aligner(cfg)
+    feeds: list[tuple[Role, np.ndarray, np.ndarray]] = []
+    sources = ((Role.PPG, session.ppg), (Role.RESP, session.resp), (Role.RATES, session.rates))
+    for role, stream in sources:
+        if stream is None or len(stream) == 0:
+            continue
+        ts = stream.timestamps
+        order = np.argsort(ts, kind="stable")
+        feeds.append((role, stream.data[order], ts[order]))
+    cursor = [0] * len(feeds)
+    vol_t = session.fmri.timestamps
+    vol_order = np.argsort(vol_t, kind="stable")
+    steps: list[AlignedStep] = []
+    for v in vol_order.tolist():
+        t = float(vol_t[v])
+        aligner.push(Role.FMRI, session.fmri.data[v : v + 1], vol_t[v : v + 1])
+        if math.isfinite(t):
+            for k, (role, data, ts) in enumerate(feeds):
+                stop = min(int(np.searchsorted(ts, t, side="left")) + 1, ts.shape[0])
+                if stop > cursor[k]:
+                    aligner.push(role, data[cursor[k] : stop], ts[cursor[k] : stop])
+                    cursor[k] = stop
+        steps.extend(aligner.poll(-math.inf))
+    steps.extend(aligner.flush())
+    return steps
