@@ -148,12 +148,14 @@ class AlignerSettings:
     """Physiology windows and the deadline after a volume's timestamp (seconds).
 
     A step is emitted as soon as every expected physiology stream has caught up with the
-    volume, or at ``volume time + deadline`` with the late modality flagged missing.
+    volume, or at ``volume time + deadline`` with the late modality flagged. The defaults are
+    the aligner's own (``aligner.AlignerConfig``), so live steps equal ``align_session``'s.
+    A stream the engine has found stalled is not waited for at all.
     """
 
-    hr_window: float = 12.0
+    hr_window: float = 15.0
     rr_window: float = 30.0
-    deadline: float = 0.5
+    deadline: float = 2.0
 
     def check(self, section: str) -> None:
         for key in ("hr_window", "rr_window", "deadline"):

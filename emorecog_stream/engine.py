@@ -180,10 +180,16 @@ class Engine:
     # -- registration -----------------------------------------------------------------------
 
     def register_stream(self, role: Role, name: str, nominal_rate: float) -> None:
-        """Tell the engine about a resolved stream (nominal rate as declared by the outlet)."""
+        """Tell the engine about a resolved stream (nominal rate as declared by the outlet).
+
+        A replay sped up ``time_scale`` times declares its rates scaled by that factor, so the
+        TR on the engine's clock is ``time_scale / nominal_rate``.
+        """
         self.telemetry.add_stream(role.value, name, max(0.0, float(nominal_rate)))
         if role is Role.FMRI and nominal_rate > 0:
-            self.session.set_nominal_tr(1.0 / nominal_rate)
+            self.session.set_nominal_tr(self.time_scale / nominal_rate)
+        if role in (Role.PPG, Role.RESP) and nominal_rate > 0:
+            self.aligner.set_srate(role, nominal_rate / self.time_scale)
 
     def stream_absent(self, role: Role, reason: str) -> None:
         """A configured stream is not available (not found at start, or lost for good)."""
@@ -218,7 +224,15 @@ class Engine:
         if monitor is not None:
             monitor.add(stamps)
         engine_stamps = stamps if self.time_scale == 1.0 else self.to_engine(stamps)
-        self.aligner.push(role, values, engine_stamps)
+        try:
+            self.aligner.push(role, values, engine_stamps)
+        except ValueError as exc:  # e.g. a physiology stream that declares no sampling rate
+            self.counters.rejected_chunks += 1
+            self._input_errors[role] = f"{label_of(role)} chunk rejected: {exc}"
+            log.warning("%s", self._input_errors[role])
+            self._update_status()
+            self._reschedule()
+            return []
         self.status_tracker.arrived(role, self.to_engine(received))
         predictions = self._poll(ready_at=received)
         self._update_status()
@@ -226,7 +240,7 @@ class Engine:
         return predictions
 
     def _check_chunk(self, role: Role, data: Any, timestamps: Any) -> tuple[np.ndarray, np.ndarray]:
-        label = ROLE_LABEL.get(role, role.value)
+        label = label_of(role)
         try:
             values = np.asarray(data, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -347,8 +361,12 @@ class Engine:
         if self._input_errors and status.state in ("online", "degraded"):
             errors = "; ".join(self._input_errors.values())
             reason = f"{status.reason}; {errors}" if status.reason else errors
-            status = EngineStatus("degraded", reason, status.missing)
+            status = EngineStatus("degraded", reason, status.missing, status.stalled)
         if status != self.status:
+            if status.stalled != self.status.stalled:
+                # do not wait for streams that are not delivering
+                waiting = [r for r in self.physio_roles if r not in status.stalled]
+                self.aligner.set_expected(waiting)
             self.status = status
             self.telemetry.set_status(status.state, status.reason)
             if status.state != "online" or status.reason:
@@ -469,14 +487,48 @@ class Engine:
 
 
 def make_aligner(config: Config) -> Any:
-    """The core aligner configured from the ``[aligner]`` section and the enabled streams."""
+    """The core aligner configured from the ``[aligner]`` section and the enabled streams.
+
+    Sampling rates of PPG and respiration come from ``[streams.*] rate`` when given, else from
+    the streams' declared rates once they are resolved (:meth:`Engine.register_stream`).
+    """
     from emorecog_stream.aligner import Aligner, AlignerConfig
+
+    class EngineAligner(Aligner):
+        """The core aligner plus the two things a live engine changes while running.
+
+        ``set_srate``: a physiology stream's rate is known only once it is resolved (which
+        may be after start). ``set_expected``: a stream found stalled is not waited for, so
+        predictions go on at once with its rate missing instead of each waiting for the
+        deadline. (Both reach into the aligner's configuration; the aligner reads them when
+        a buffer is created and in ``poll``.)
+        """
+
+        def set_srate(self, role: Role, fs: float) -> None:
+            key = "ppg_srate" if role is Role.PPG else "resp_srate"
+            if role in self._buffers or getattr(self.config, key) == fs:
+                return
+            self.config = replace(self.config, **{key: fs})
+
+        def set_expected(self, roles: Sequence[Role]) -> None:
+            self._expected = tuple(roles)
+
+        @property
+        def expected(self) -> tuple[Role, ...]:
+            return tuple(self._expected)
 
     roles = tuple(r for r in config.streams.enabled_roles() if r in ROLE_RATES)
     aligner_config = AlignerConfig(
-        hr_window=config.aligner.hr_window,
-        rr_window=config.aligner.rr_window,
-        deadline=config.aligner.deadline,
+        hr_window_s=config.aligner.hr_window,
+        rr_window_s=config.aligner.rr_window,
+        deadline_s=config.aligner.deadline,
         expected=roles,
+        ppg_srate=config.streams.ppg.rate or None,
+        resp_srate=config.streams.resp.rate or None,
     )
-    return Aligner(aligner_config)
+    return EngineAligner(aligner_config)
+
+
+def label_of(role: Role) -> str:
+    """How a role is named in messages (``PPG``, ``respiration``, ...)."""
+    return ROLE_LABEL.get(role, role.value)

@@ -216,9 +216,6 @@ async def run_engine(
         engine_box.append(engine)
         for role, meta in metas.items():
             engine.register_stream(role, meta.name, meta.nominal_srate)
-        for role in optional:
-            if role in group.inlets and role not in metas:
-                engine.register_stream(role, getattr(config.streams, role.value).name, 0.0)
         say(f"model {model.model_id}; session {session!r}; predictions on {settings.url}:")
         for line in listen_hints(settings.url, session, config.mqtt.topic_prefix):
             say(line)
@@ -247,8 +244,15 @@ async def _chunks(group: Any, engine: Engine) -> Any:
     """Chunks for the engine; inlet state events become notes on the engine's status."""
     from emorecog_stream.adapters.lsl_inlet import Chunk, StreamEvent
 
+    registered: set[Role] = set()
     async for item in group:
         if isinstance(item, Chunk):
+            if item.role not in registered:
+                # streams resolved in the background: their declared rate is known now
+                registered.add(item.role)
+                meta = group.inlets[item.role].metadata if item.role in group.inlets else None
+                if meta is not None:
+                    engine.register_stream(item.role, meta.name, meta.nominal_srate)
             yield _EngineChunk(item.role, item.data, item.timestamps, item.receipt_time)
         elif isinstance(item, StreamEvent) and item.state.value == "error":
             engine.stream_absent(item.role, f"{ROLE_LABEL[item.role]} stream: {item.reason}")

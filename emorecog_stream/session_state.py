@@ -115,6 +115,7 @@ class EngineStatus:
     state: str
     reason: str = ""
     missing: tuple[str, ...] = ()  # rates made missing by stalled/absent streams
+    stalled: tuple[Role, ...] = ()  # the physiology streams that are not delivering
 
 
 class StatusTracker:
@@ -182,11 +183,11 @@ class StatusTracker:
             )
             if stalled:
                 reason += "; " + "; ".join(stalled.values())
-            return EngineStatus("paused", reason, missing)
+            return EngineStatus("paused", reason, missing, tuple(stalled))
         if stalled:
             names = " and ".join(m.replace("_", " ") for m in missing)
             reason = "; ".join(stalled.values()) + f": {names} missing"
-            return EngineStatus("degraded", reason, missing)
+            return EngineStatus("degraded", reason, missing, tuple(stalled))
         return EngineStatus("online", "")
 
     def next_change(self, now: float, tr: float | None) -> float | None:
