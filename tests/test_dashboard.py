@@ -128,7 +128,7 @@ def test_render_shows_everything_of_a_healthy_snapshot() -> None:
         "0.02 s",
         "50%",  # buffer fill
         "71.4 bpm",
-        "quality 0.93",
+        "q 0.93",
         "14.2 breaths/min",
         "70.0%",
         "10.0%",
@@ -196,8 +196,24 @@ def test_render_shows_disconnected_mqtt_with_backlog_and_error() -> None:
     )
     text = _text(_snapshot(mqtt=mq))
     assert "disconnected" in text
-    assert "sent 30  queued 12  dropped 1  reconnects 3" in text
+    assert "sent 30  queued 12" in text and "dropped 1  reconnects 3" in text
     assert "last error: [Errno 111] Connection refused" in text
+
+
+def test_render_fits_an_80_column_terminal() -> None:
+    snap = _snapshot(intensity_history=tuple(float(i % 9 - 4) for i in range(200)))
+    text = _text(snap, width=80)
+    assert max(len(ln) for ln in text.splitlines()) <= 80
+    assert "EmoRecog-PPG" not in text  # names only from 100 columns on
+    assert "Stream" in text and "400 Hz" in text and "399.6 Hz" in text
+    trend = next(ln for ln in text.splitlines() if "trend" in ln)
+    assert "-4 " in trend and " +4" in trend  # scale kept, oldest TRs dropped to fit
+    assert "70.0%" in text and "not a medical device" in text.replace("\n", " ")
+
+
+def test_render_rejects_other_types() -> None:
+    with pytest.raises(TypeError, match="expects an EngineSnapshot, got dict"):
+        render({})  # type: ignore[arg-type]
 
 
 def test_render_before_the_first_prediction() -> None:
@@ -236,6 +252,9 @@ def test_log_line_for_a_snapshot_carries_status_and_mqtt() -> None:
     assert "status degraded (PPG lost)" in line
     assert line.endswith("mqtt disconnected (queued 4)")
     assert "\x1b" not in line  # plain text, no colour codes
+    healthy = format_log_line(_snapshot(utc="2026-11-25T10:15:43Z"))
+    assert "status" not in healthy  # online is the normal case: not repeated every TR
+    assert healthy.endswith("latency 3.0 ms  mqtt connected")
 
 
 def test_log_line_before_any_prediction() -> None:
@@ -287,6 +306,8 @@ def test_dashboard_survives_a_snapshot_it_cannot_render() -> None:
     dash.start()
     dash.stop()
     assert "dashboard rendering failed: ValueError" in out.getvalue()
+    with pytest.raises(ValueError):  # render() itself does not hide the bug
+        Console(file=io.StringIO()).print(render(_snapshot(probabilities=(0.5, 0.5))))
 
 
 def test_render_takes_the_publishers_own_stats() -> None:
@@ -310,7 +331,7 @@ def test_render_takes_the_publishers_own_stats() -> None:
     snap = _snapshot(mqtt=stats)
     text = _text(snap)
     assert "refused (MQTT 5)" in text
-    assert "sent 7  queued 2  dropped 0  reconnects 1" in text
+    assert "sent 7  queued 2" in text and "dropped 0  reconnects 1" in text
     assert "last error: not authorised" in text
     assert format_log_line(snap).endswith("mqtt refused (queued 2)")
     copied = MqttStats.copy_of(stats)

@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import TextIO
 
-from rich.console import Console, Group, RenderableType
+from rich import box
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -33,6 +34,7 @@ __all__ = [
     "HEMODYNAMIC_NOTE",
     "MAX_REFRESH_HZ",
     "Dashboard",
+    "DashboardView",
     "LogLinePrinter",
     "bar",
     "format_log_line",
@@ -136,150 +138,196 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{sec:02d}"
 
 
-def _streams_table(streams: Sequence[StreamStats]) -> Table:
-    t = Table(title="Input streams", title_justify="left", expand=True, pad_edge=False)
-    for col, justify in (
-        ("Stream", "left"),
-        ("Name", "left"),
-        ("Nominal", "right"),
-        ("Measured", "right"),
-        ("Lag", "right"),
-        ("Buffer", "left"),
-        ("Gaps", "right"),
-        ("Overflows", "right"),
-        ("State", "left"),
-    ):
-        t.add_column(col, justify=justify, no_wrap=col != "Name")
+WIDE = 100
+"""From this many columns on, the streams table shows names, bars and notes."""
+
+
+def _streams_table(streams: Sequence[StreamStats], width: int) -> Table:
+    wide = width >= WIDE
+    t = Table(
+        title="Input streams",
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        expand=True,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    t.add_column("Stream", no_wrap=True)
+    if wide:
+        t.add_column("Name", no_wrap=True, overflow="ellipsis", max_width=24)
+    for col in ("Nominal", "Measured", "Lag"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("Buffer", no_wrap=True)
+    t.add_column("Gaps", justify="right", no_wrap=True)
+    t.add_column("Ovf", justify="right", no_wrap=True)
+    t.add_column("State", no_wrap=True, overflow="ellipsis", ratio=1)
     if not streams:
-        t.add_row("(none yet)", "", "", "", "", "", "", "", "")
+        t.add_row("(none yet)", *([""] * (len(t.columns) - 1)))
     for s in streams:
         state = Text(s.state.value, style=_STATE_STYLE.get(s.state, ""))
         if s.note:
             state.append(f" ({s.note})", style="dim")
-        t.add_row(
-            s.role,
-            s.name,
+        fill = f"{s.buffer_fill * 100:3.0f}%"
+        row: list[RenderableType] = [s.role]
+        if wide:
+            row.append(s.name)
+        row += [
             _fmt_rate(s.nominal_rate, nominal=True),
             _fmt_rate(s.measured_rate),
             _fmt(s.lag_s, ".2f", " s"),
-            f"{bar(s.buffer_fill, 6)} {s.buffer_fill * 100:3.0f}%",
+            f"{bar(s.buffer_fill, 6)} {fill}" if wide else fill,
             Text(str(s.gaps), style="yellow" if s.gaps else ""),
             Text(str(s.overflows), style="red" if s.overflows else ""),
             state,
-        )
+        ]
+        t.add_row(*row)
     return t
 
 
-def _rate_line(
-    label: str, value: float | None, valid: bool, unit: str, quality: float | None
-) -> Text:
-    line = Text(f"{label:<17}")
-    if valid and value is not None and math.isfinite(value):
-        line.append(f"{value:6.1f} {unit}", style="bold")
-        if quality is not None:
-            line.append(f"  quality {quality:.2f}", style="dim")
-    else:
-        line.append("missing", style="bold yellow")
-    return line
+def _rate_value(value: float | None, valid: bool, unit: str, quality: float | None) -> Text:
+    if not (valid and value is not None and math.isfinite(value)):
+        return Text("missing", style="bold yellow")
+    out = Text(f"{value:.1f} {unit}", style="bold")
+    if quality is not None:
+        out.append(f"  q {quality:.2f}", style="dim")
+    return out
 
 
-def _physio_panel(snap: EngineSnapshot) -> Panel:
-    body = Group(
-        _rate_line(
-            "Heart rate", snap.heart_rate, snap.heart_rate_valid, "bpm", snap.heart_rate_quality
-        ),
-        _rate_line(
-            "Respiration rate",
+def _side_panel(snap: EngineSnapshot) -> Panel:
+    """Physiology, latency and MQTT: short label/value rows that fit half an 80-column screen."""
+    g = Table.grid(padding=(0, 1))
+    g.add_column(no_wrap=True, style="bold")
+    g.add_column()
+    g.add_row(
+        "Heart rate",
+        _rate_value(snap.heart_rate, snap.heart_rate_valid, "bpm", snap.heart_rate_quality),
+    )
+    g.add_row(
+        "Resp. rate",
+        _rate_value(
             snap.respiration_rate,
             snap.respiration_rate_valid,
             "breaths/min",
             snap.respiration_rate_quality,
         ),
     )
-    return Panel(body, title="Physiology", title_align="left")
-
-
-def _prediction_panel(snap: EngineSnapshot, bar_width: int = 24) -> Panel:
-    if snap.probabilities is None:
-        return Panel(
-            Text("waiting for the first prediction", style="dim"),
-            title="Emotion",
-            title_align="left",
-        )
-    lines: list[RenderableType] = []
-    top = max(range(len(snap.probabilities)), key=lambda i: snap.probabilities[i])  # type: ignore[index]
-    for i, (label, p) in enumerate(zip(CATEGORY_LABELS, snap.probabilities, strict=True)):
-        style = "bold cyan" if i == top else "cyan"
-        line = Text(f"{label:<9} ")
-        line.append(bar(p, bar_width), style=style)
-        line.append(f" {p * 100:5.1f}%")
-        lines.append(line)
-    lo, hi = INTENSITY_RANGE
-    cat = Text("category  ")
-    cat.append(snap.category or _MISSING, style="bold")
-    cat.append("   intensity ")
-    cat.append(_fmt(snap.intensity, "+.2f"), style="bold")
-    cat.append(f"  ({lo:+.0f}..{hi:+.0f})", style="dim")
-    lines.append(cat)
-    trend = Text(f"trend     {lo:+.0f} ")
-    trend.append(sparkline(snap.intensity_history, lo, hi) or " ", style="magenta")
-    trend.append(f" {hi:+.0f}  ")
-    trend.append(f"last {len(snap.intensity_history)} TRs", style="dim")
-    lines.append(trend)
-    if snap.flags:
-        lines.append(Text("flags     " + ", ".join(snap.flags), style="yellow"))
-    return Panel(Group(*lines), title="Emotion (last TR)", title_align="left")
-
-
-def _outputs_panel(snap: EngineSnapshot) -> Panel:
     lat = snap.latency
-    lat_line = Text("Latency  ")
-    lat_line.append(f"p50 {_fmt(lat.p50_ms, '.1f', ' ms')}  p99 {_fmt(lat.p99_ms, '.1f', ' ms')}  ")
-    lat_line.append(f"max {_fmt(lat.max_ms, '.1f', ' ms')}  (n={lat.count})", style="dim")
+    latency = Text(f"p50 {_fmt(lat.p50_ms, '.1f', ' ms')}  p99 {_fmt(lat.p99_ms, '.1f', ' ms')}")
+    latency.append(f"  max {_fmt(lat.max_ms, '.1f', ' ms')}  n={lat.count}", style="dim")
+    g.add_row("Latency", latency)
     m = snap.mqtt
-    mq = Text("MQTT     ")
-    mq.append(m.state, style=_mqtt_style(m.state))
+    state = Text(m.state, style=_mqtt_style(m.state))
     protocol = getattr(m, "protocol", None)  # sinks.mqtt's stats say which MQTT version
     if protocol:
-        mq.append(f" (MQTT {protocol})", style="dim")
+        state.append(f" (MQTT {protocol})", style="dim")
+    g.add_row("MQTT", state)
     if snap.broker_url:
-        mq.append(f"  {snap.broker_url}", style="dim")
-    mq.append(f"\n         sent {m.sent}  queued {m.queued}  dropped {m.dropped}")
-    mq.append(f"  reconnects {m.reconnects}")
-    lines: list[RenderableType] = [lat_line, mq]
+        g.add_row("", Text(snap.broker_url, style="dim"))
+    g.add_row("", f"sent {m.sent}  queued {m.queued}")
+    g.add_row("", f"dropped {m.dropped}  reconnects {m.reconnects}")
     if m.last_error:
-        lines.append(Text(f"         last error: {m.last_error}", style="red"))
-    return Panel(Group(*lines), title="Outputs", title_align="left")
+        g.add_row("", Text(f"last error: {m.last_error}", style="red"))
+    return Panel(g, title="Physiology and outputs", title_align="left")
+
+
+def _prediction_panel(snap: EngineSnapshot, width: int) -> Panel:
+    title = "Emotion (last TR)"
+    if snap.probabilities is None:
+        return Panel(
+            Text("waiting for the first prediction", style="dim"), title=title, title_align="left"
+        )
+    probs = snap.probabilities
+    # label (9) + space + bar + " 100.0%" (7) inside the panel's border and padding (4)
+    bar_width = max(6, min(30, width - 4 - 10 - 7))
+    g = Table.grid(padding=(0, 1))
+    g.add_column(no_wrap=True)
+    g.add_column(no_wrap=True)
+    top = max(range(len(probs)), key=lambda i: probs[i])
+    for i, (label, p) in enumerate(zip(CATEGORY_LABELS, probs, strict=True)):
+        line = Text(bar(p, bar_width), style="bold cyan" if i == top else "cyan")
+        line.append(f" {p * 100:5.1f}%", style="bold" if i == top else "")
+        g.add_row(label, line)
+    lo, hi = INTENSITY_RANGE
+    g.add_row("category", Text(snap.category or _MISSING, style="bold"))
+    intensity = Text(_fmt(snap.intensity, "+.2f"), style="bold")
+    intensity.append(f"  (scale {lo:+.0f}..{hi:+.0f})", style="dim")
+    g.add_row("intensity", intensity)
+    # the trend shows as many recent TRs as fit; the oldest drop off on the left
+    room = max(4, width - 4 - 10 - 6)
+    history = snap.intensity_history[-room:]
+    trend = Text(f"{lo:+.0f} ", style="dim")
+    trend.append(sparkline(history, lo, hi), style="magenta")
+    trend.append(f" {hi:+.0f}", style="dim")
+    g.add_row("trend", trend)
+    g.add_row("", Text(f"last {len(history)} TRs, oldest left", style="dim"))
+    if snap.flags:
+        g.add_row("flags", Text(", ".join(snap.flags), style="yellow"))
+    return Panel(g, title=title, title_align="left")
+
+
+class DashboardView:
+    """The dashboard for one snapshot; lays itself out for the width it is given.
+
+    With ``safe`` (what :class:`Dashboard` uses) a snapshot that cannot be shown, a bug
+    upstream, becomes an error line on screen instead of an exception in rich's refresh thread.
+    """
+
+    def __init__(self, snapshot: EngineSnapshot, *, safe: bool = False) -> None:
+        self.snapshot = snapshot
+        self.safe = safe
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        try:
+            parts = self._parts(options.max_width)
+        except Exception as exc:
+            if not self.safe:
+                raise
+            parts = [
+                Text(f"dashboard rendering failed: {type(exc).__name__}: {exc}", style="bold red")
+            ]
+        yield from parts
+
+    def _parts(self, width: int) -> list[RenderableType]:
+        snap = self.snapshot
+        head = Text()
+        head.append("EmoRecog-Stream", style="bold")
+        head.append("  session ")
+        head.append(snap.session_id or _MISSING, style="cyan")
+        head.append("  model ")
+        head.append(snap.model_id or _MISSING, style="cyan")
+        head.append(f"  uptime {_fmt_duration(snap.uptime_s)}")
+        status = Text("Status: ")
+        status.append(snap.status.upper(), style=_status_style(snap.status))
+        if snap.status_reason:
+            status.append(f" - {snap.status_reason}")
+        status.append(f"   TR {snap.tr_index if snap.tr_index is not None else _MISSING}")
+        status.append(f"   predictions {snap.predictions}")
+        half = (width - 1) // 2
+        # fixed widths: rich need not measure the nested panels (halves the cost of a frame)
+        middle = Table.grid(padding=(0, 1))
+        middle.add_column(width=half)
+        middle.add_column(width=max(1, width - half - 1))
+        middle.add_row(_prediction_panel(snap, half), _side_panel(snap))
+        return [
+            head,
+            status,
+            _streams_table(snap.streams, width),
+            middle,
+            Text(HEMODYNAMIC_NOTE, style="dim italic"),
+        ]
 
 
 def render(snapshot: EngineSnapshot) -> RenderableType:
-    """The whole dashboard for one snapshot (pure: reads the snapshot, returns a renderable)."""
-    snap = snapshot
-    head = Text()
-    head.append("EmoRecog-Stream", style="bold")
-    head.append("  session ")
-    head.append(snap.session_id or _MISSING, style="cyan")
-    head.append("  model ")
-    head.append(snap.model_id or _MISSING, style="cyan")
-    head.append(f"  uptime {_fmt_duration(snap.uptime_s)}")
-    status = Text("Status: ")
-    status.append(snap.status.upper(), style=_status_style(snap.status))
-    if snap.status_reason:
-        status.append(f" - {snap.status_reason}")
-    status.append(f"   TR {snap.tr_index if snap.tr_index is not None else _MISSING}")
-    status.append(f"   predictions {snap.predictions}")
+    """The whole dashboard for one snapshot (pure: reads the snapshot, returns a renderable).
 
-    middle = Table.grid(expand=True, padding=(0, 1))
-    middle.add_column(ratio=1)
-    middle.add_column(ratio=1)
-    middle.add_row(_prediction_panel(snap), Group(_physio_panel(snap), _outputs_panel(snap)))
-    return Group(
-        head,
-        status,
-        _streams_table(snap.streams),
-        middle,
-        Text(HEMODYNAMIC_NOTE, style="dim italic"),
-    )
+    The layout adapts to the console width at print time (names, bars and notes in the
+    streams table from :data:`WIDE` columns on; the intensity trend as long as fits).
+    """
+    if not isinstance(snapshot, EngineSnapshot):
+        raise TypeError(f"render expects an EngineSnapshot, got {type(snapshot).__name__}")
+    return DashboardView(snapshot)
 
 
 class Dashboard:
@@ -316,13 +364,8 @@ class Dashboard:
         self._lock = threading.Lock()
 
     def _current(self) -> RenderableType:
-        snap = self._snapshot  # one reference read: atomic, the snapshot is immutable
-        try:
-            return render(snap)
-        except Exception as exc:  # show, do not kill the refresh thread
-            return Text(
-                f"dashboard rendering failed: {type(exc).__name__}: {exc}", style="bold red"
-            )
+        # one reference read (atomic); the snapshot is immutable, so no lock is needed
+        return DashboardView(self._snapshot, safe=True)
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -434,7 +477,7 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
             parts.append(_log_rate("HR", s.heart_rate, s.heart_rate_valid, "bpm"))
             parts.append(_log_rate("RR", s.respiration_rate, s.respiration_rate_valid, "/min"))
             parts.append(f"latency {_fmt(s.latency.last_ms, '.1f', ' ms')}")
-            if s.status.lower() != "running":
+            if s.status.lower() not in ("online", "running"):
                 parts.append(
                     f"status {s.status}" + (f" ({s.status_reason})" if s.status_reason else "")
                 )
