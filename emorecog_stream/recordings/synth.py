@@ -33,8 +33,10 @@ estimators can be tested against it.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 from scipy import signal as sps
@@ -133,6 +135,19 @@ class SynthConfig:
                 " n_trials >= 3, video_s > 0, rest_s >= 0, lead_in_s >= 0, tr > 0,"
                 " ppg_rate >= 20 Hz, resp_rate >= 5 Hz)"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists), as stored in ``session.metadata``."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SynthConfig:
+        """The config back from :meth:`to_dict` output (e.g. a shipped file's metadata)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"SynthConfig: unknown fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @property
     def trial_period_s(self) -> float:
@@ -544,7 +559,7 @@ def generate_session(participant_index: int, config: SynthConfig | None = None) 
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,
             "seed": config.seed,
-            "synth_config": asdict(config),
+            "synth_config": config.to_dict(),
             "truth": truth,
         },
     )
