@@ -90,9 +90,14 @@ class RateMeter:
         self._chunks: deque[np.ndarray] = deque()
         self._count = 0  # samples currently held
         self.total = 0  # samples ever added
+        self.restarts = 0  # times the timestamps went backwards and the window was cleared
 
     def add(self, timestamps: float | Sequence[float] | np.ndarray) -> None:
-        """Record samples at these times (ascending within a chunk and across chunks)."""
+        """Record samples at these times (ascending within a chunk).
+
+        A chunk that starts before the newest sample already held means the clock went
+        backwards; the window is cleared and the rate measured afresh from this chunk.
+        """
         ts = np.atleast_1d(np.asarray(timestamps, dtype=np.float64))
         if ts.ndim != 1:
             raise ValueError(
@@ -100,6 +105,12 @@ class RateMeter:
             )
         if ts.size == 0:
             return
+        last = self.last
+        if last is not None and ts[0] < last:
+            # time went backwards (a restarted outlet, a clock reset): measure afresh
+            self._chunks.clear()
+            self._count = 0
+            self.restarts += 1
         self._chunks.append(ts.copy())
         self._count += int(ts.size)
         self.total += int(ts.size)

@@ -82,6 +82,15 @@ def test_rate_meter_trims_inside_a_chunk() -> None:
     assert m._count == 65
 
 
+def test_rate_meter_restarts_when_time_goes_backwards() -> None:
+    m = RateMeter(window_s=10.0)
+    m.add(np.arange(500.0, 510.0, 0.5))  # 2 Hz
+    m.add(np.arange(0.0, 3.0, 0.25))  # the outlet restarted on another clock, now 4 Hz
+    assert m.restarts == 1
+    assert m.rate() == pytest.approx(4.0)
+    assert m.total == 20 + 12
+
+
 @pytest.mark.parametrize("window", [0.0, -1.0, math.nan, math.inf])
 def test_rate_meter_rejects_bad_window(window: float) -> None:
     with pytest.raises(ValueError, match="positive number of seconds"):
