@@ -379,3 +379,18 @@ async def test_log_line_printer_as_engine_output() -> None:
     assert lines[0].endswith("status online")
     assert lines[1] == format_log_line(_pred(), mqtt_state="connected")
     assert lines[2].endswith("status degraded (PPG stalled)")
+
+
+def test_dashboard_refresh_thread_picks_up_updates_while_running() -> None:
+    """Frames appear without ``stop()``: rich's refresh thread renders the newest snapshot."""
+    import time
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    with Dashboard(console, refresh_per_second=10) as dash:
+        for name in ("ALPHA", "BRAVO"):
+            dash.update(_snapshot(session_id=name))
+            deadline = time.monotonic() + 10.0  # generous: a loaded CI machine
+            while f"session {name}" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert f"session {name}" in out.getvalue()

@@ -137,21 +137,28 @@ def test_abrupt_stop_loses_nothing_already_written(tmp_path: Path) -> None:
 
 def test_unwritable_paths_give_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(JsonlLogError, match="is a directory; expected a file path"):
-        JsonlLog(tmp_path)
+        JsonlLog(tmp_path, session="S01")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     with pytest.raises(JsonlLogError, match=r"cannot open session log .*not-a-dir/s\.jsonl"):
-        JsonlLog(blocker / "s.jsonl")
+        JsonlLog(blocker / "s.jsonl", session="S01")
+
+
+def test_bad_session_id_is_refused_before_the_file_is_touched(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    with pytest.raises(PayloadError, match="must not contain '#'"):
+        JsonlLog(path, session="lab/#")
+    assert not path.exists()
 
 
 def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "2026" / "s.jsonl"
-    JsonlLog(path).close()
+    JsonlLog(path, session="S01").close()
     assert [r["kind"] for r in read_log(path)] == ["session_start", "session_end"]
 
 
 def test_closed_log_refuses_writes_and_close_is_idempotent(tmp_path: Path) -> None:
-    log = JsonlLog(tmp_path / "s.jsonl")
+    log = JsonlLog(tmp_path / "s.jsonl", session="S01")
     log.close()
     log.close()
     assert log.closed
@@ -161,7 +168,7 @@ def test_closed_log_refuses_writes_and_close_is_idempotent(tmp_path: Path) -> No
 
 def test_invalid_prediction_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    log = JsonlLog(path)
+    log = JsonlLog(path, session="S01")
     with pytest.raises(PayloadError, match="intensity must be finite"):
         log.write_prediction(_pred(0, intensity=math.nan))
     assert log.predictions == 0 and log.lines == 1
@@ -171,20 +178,20 @@ def test_invalid_prediction_is_refused_and_nothing_is_written(tmp_path: Path) ->
 
 def test_non_finite_metadata_becomes_null(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    JsonlLog(path, meta={"tr": math.nan, "rates": (1.0, math.inf)}).close()
+    JsonlLog(path, session="S01", meta={"tr": math.nan, "rates": (1.0, math.inf)}).close()
     assert read_log(path, "session_start")[0]["meta"] == {"tr": None, "rates": [1.0, None]}
 
 
 def test_exit_by_exception_is_recorded(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    with pytest.raises(KeyboardInterrupt), JsonlLog(path):
+    with pytest.raises(KeyboardInterrupt), JsonlLog(path, session="S01"):
         raise KeyboardInterrupt
     assert read_log(path, "session_end")[0]["reason"] == "interrupted"
 
 
 def test_read_log_skips_a_cut_off_last_line_but_not_a_broken_middle_one(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    log = JsonlLog(path)
+    log = JsonlLog(path, session="S01")
     log.write_prediction(_pred(0))
     log.close()
     good = path.read_bytes()

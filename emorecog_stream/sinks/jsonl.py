@@ -29,6 +29,7 @@ from emorecog_stream.sinks.payload import (
     prediction_payload,
     status_payload,
     utc_now,
+    validate_session_id,
 )
 
 __all__ = ["LOG_FORMAT_VERSION", "JsonlLog", "JsonlLogError", "read_log"]
@@ -64,7 +65,8 @@ def _json_safe(value: Any) -> Any:
 class JsonlLog:
     """Append-mode JSONL audit log for one engine run.
 
-    ``session`` and ``model_id`` go into the ``session_start`` line; ``meta`` adds any other
+    ``session`` (validated like an MQTT session id) and ``model_id`` go into the
+    ``session_start`` line; ``meta`` adds any other
     JSON-serialisable facts worth keeping with the record (broker URL, stream names, config
     file). Opening fails with :class:`JsonlLogError` when the path cannot be written.
     """
@@ -73,13 +75,13 @@ class JsonlLog:
         self,
         path: str | os.PathLike[str],
         *,
-        session: str = "",
+        session: str,
         model_id: str = "",
         meta: dict[str, Any] | None = None,
         fsync: bool = False,
     ) -> None:
         self.path = Path(path)
-        self.session = session
+        self.session = validate_session_id(session)  # status lines need it; fail before opening
         self.fsync = fsync
         self.predictions = 0
         self.lines = 0
