@@ -234,8 +234,8 @@ class Engine:
             self._reschedule()
             return []
         self.status_tracker.arrived(role, self.to_engine(received))
+        self._update_status()  # first: a stream coming back is waited for again
         predictions = self._poll(ready_at=received)
-        self._update_status()
         self._reschedule()
         return predictions
 
@@ -409,8 +409,8 @@ class Engine:
         if self._stop_at is not None and now >= self._stop_at:
             self._stop.set()
             return
+        self._update_status()  # first: a stalled stream is no longer waited for
         self._poll(ready_at=self.clock())
-        self._update_status()
         self._reschedule()
 
     # -- running ------------------------------------------------------------------------------

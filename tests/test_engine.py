@@ -1,0 +1,273 @@
+"""The engine without sockets: real aligner, real model, chunks fed as an inlet would.
+
+A controllable clock stands in for the LSL clock so the tests can say exactly when each chunk
+"arrives"; everything else (aligner, physiology estimators, model, status logic) is the real
+code. The LSL and MQTT paths are covered end to end in ``test_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from emorecog_stream.aligner import align_session
+from emorecog_stream.config import apply_overrides, load_config
+from emorecog_stream.engine import Chunk, Engine
+from emorecog_stream.messages import AlignedStep, Prediction
+from emorecog_stream.model.net import EmoRecogNet, NetConfig
+from emorecog_stream.model.stepper import StreamingEmoRecogNet
+from emorecog_stream.recordings.synth import SynthConfig, generate_session
+from emorecog_stream.session_state import EngineStatus
+from emorecog_stream.streams import Role
+
+SHORT = SynthConfig(n_participants=1, n_trials=3, rest_s=5.0, lead_in_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+
+    torch.manual_seed(0)
+    return StreamingEmoRecogNet(EmoRecogNet(NetConfig()), "test-net")
+
+
+@pytest.fixture(scope="module")
+def session():
+    return generate_session(1, SHORT)
+
+
+@dataclass
+class Collector:
+    """A test output: keeps what the engine hands over."""
+
+    predictions: list[Prediction] = field(default_factory=list)
+    steps: list[AlignedStep] = field(default_factory=list)
+    statuses: list[EngineStatus] = field(default_factory=list)
+    closed: bool = False
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
+        self.predictions.append(prediction)
+        self.steps.append(step)
+
+    def on_status(self, status: EngineStatus) -> None:
+        self.statuses.append(status)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def states(self) -> list[str]:
+        return [s.state for s in self.statuses]
+
+
+class Clock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def chunk_events(session, chunk_s: float = 0.02, offset: float = 1000.0):
+    """(role, data, timestamps) chunks in arrival order, as acquisition drivers deliver them."""
+    events = []
+    for role, stream in ((Role.PPG, session.ppg), (Role.RESP, session.resp)):
+        ts = stream.timestamps + offset
+        bounds = np.searchsorted(ts, np.arange(ts[0], ts[-1] + chunk_s, chunk_s), side="right")
+        start = 0
+        for stop in bounds:
+            if stop > start:
+                events.append((float(ts[stop - 1]), role, stream.data[start:stop], ts[start:stop]))
+                start = stop
+    for i, t in enumerate(session.fmri.timestamps + offset):
+        events.append((float(t), Role.FMRI, session.fmri.data[i : i + 1], np.array([t])))
+    order = {Role.FMRI: 0, Role.PPG: 1, Role.RESP: 2}
+    events.sort(key=lambda e: (e[0], order[e[1]]))
+    return [(role, data, ts) for _, role, data, ts in events]
+
+
+def make_engine(model, clock, session_id="t1", **overrides):
+    base = {"session.id": session_id, "streams.ppg.rate": 400.0, "streams.resp.rate": 50.0}
+    base.update(overrides)
+    config = apply_overrides(load_config(None), base)
+    out = Collector()
+    engine = Engine(config, model, [out], clock=clock)
+    engine.register_stream(Role.FMRI, "fmri", 1.0)
+    return engine, out
+
+
+def feed(engine, clock, events, latency: float = 0.001, skip=None):
+    for role, data, ts in events:
+        if skip is not None and skip(role, float(ts[-1])):
+            clock.t = max(clock.t, float(ts[-1]) + latency)
+            engine._on_timer()  # what the armed timer does when nothing arrives
+            continue
+        clock.t = max(clock.t, float(ts[-1]) + latency)
+        engine.process_chunk(role, data, ts, received=clock.t)
+
+
+def offline(model, session):
+    steps = align_session(session)
+    roi = np.stack([s.roi for s in steps])
+    hr = np.array([s.heart_rate for s in steps])
+    rr = np.array([s.respiration_rate for s in steps])
+    return steps, model.predict_sequence(roi, hr, rr)
+
+
+def test_live_engine_equals_offline_predictions(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock)
+    feed(engine, clock, chunk_events(session))
+    steps, expected = offline(model, session)
+    got = out.predictions
+    assert len(got) == session.n_volumes == len(steps)
+    assert [p.sequence for p in got] == list(range(len(got)))
+    assert [p.tr_index for p in got] == list(range(len(got)))
+    np.testing.assert_allclose(
+        [p.volume_timestamp for p in got], session.fmri.timestamps + 1000.0, atol=1e-9
+    )
+    probs = np.array([p.probabilities for p in got])
+    np.testing.assert_allclose(probs, expected.probabilities, atol=1e-5)
+    np.testing.assert_allclose([p.intensity for p in got], expected.intensity, atol=1e-5)
+    hr_live = np.array([p.heart_rate if p.heart_rate_valid else np.nan for p in got])
+    hr_off = np.array([s.heart_rate for s in steps])
+    np.testing.assert_allclose(hr_live, hr_off, equal_nan=True)
+    assert all(p.model_id == model.model_id for p in got)
+    assert all(p.latency_ms >= 0 for p in got)
+    assert out.states() == ["online"]  # never degraded: every stream delivered on time
+    assert not any("deadline_expired" in p.flags for p in got)
+
+
+def test_gap_longer_than_reset_limit_resets_state(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock, **{"engine.reset_gap_trs": 3.0})
+    first = chunk_events(session, offset=1000.0)
+    second = chunk_events(session, offset=1000.0 + session.fmri.timestamps[-1] + 20.0)
+    feed(engine, clock, first)
+    n = len(out.predictions)
+    clock.t += 10.0
+    engine._on_timer()  # what the armed timer does while nothing arrives
+    assert out.statuses[-1].state == "paused"
+    assert "fMRI stream stalled" in out.statuses[-1].reason
+    feed(engine, clock, second)
+    after = out.predictions[n:]
+    assert len(after) == session.n_volumes
+    assert after[0].tr_index == 0 and "state_reset" in after[0].flags
+    assert not any("state_reset" in p.flags for p in after[1:])
+    assert [p.sequence for p in out.predictions] == list(range(len(out.predictions)))
+    assert out.states()[-1] == "online"
+    assert engine.counters.resets == 1
+
+
+def test_ppg_vanishing_degrades_and_recovers(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock)
+    t0 = float(session.fmri.timestamps[0]) + 1000.0
+    gone = (t0 + 40.0, t0 + 60.0)  # PPG unplugged for 20 s
+
+    def skip(role, t):
+        return role is Role.PPG and gone[0] <= t < gone[1]
+
+    feed(engine, clock, chunk_events(session), skip=skip)
+    preds = out.predictions
+    assert len(preds) == session.n_volumes  # predictions went on: one per volume
+    during = [p for p in preds if gone[0] + 2.5 <= p.volume_timestamp < gone[1]]
+    assert during and all(not p.heart_rate_valid and p.heart_rate is None for p in during)
+    assert all("heart_rate_missing" in p.flags for p in during)
+    assert all(p.respiration_rate_valid for p in during[5:])
+    degraded = [s for s in out.statuses if s.state == "degraded"]
+    assert degraded and "PPG" in degraded[0].reason and "heart rate missing" in degraded[0].reason
+    assert degraded[0].missing == ("heart_rate",)
+    # stalled streams are not waited for: no step had to wait for its deadline
+    assert not any("deadline_expired" in p.flags for p in during)
+    # recovery: status online again and the heart rate comes back within the HR window
+    assert out.states()[-1] == "online"
+    late = [p for p in preds if p.volume_timestamp > gone[1] + 16.0]
+    assert late and all(p.heart_rate_valid for p in late)
+
+
+def test_bad_chunks_are_rejected_and_reported(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock)
+    events = chunk_events(session)
+    feed(engine, clock, events[:200])
+    n = len(out.predictions)
+    clock.t += 0.001
+    bad = engine.process_chunk(Role.FMRI, np.zeros((1, 100)), [clock.t - 0.0005], clock.t)
+    assert bad == []
+    assert engine.counters.rejected_chunks == 1
+    assert out.statuses[-1].state == "degraded"
+    assert "expected (samples, 246) values, found shape (1, 100)" in out.statuses[-1].reason
+    engine.process_chunk(Role.PPG, np.zeros((3, 2)), [1.0, 2.0, 3.0], clock.t)
+    assert "PPG chunk rejected" in out.statuses[-1].reason
+    engine.process_chunk(Role.RESP, np.zeros(3), [1.0, 2.0], clock.t)
+    assert "3 samples but 2 timestamps" in out.statuses[-1].reason
+    feed(engine, clock, events[200:])
+    assert len(out.predictions) == session.n_volumes  # nothing lost, nothing extra
+    assert out.statuses[-1].state == "online"  # good chunks of every role cleared the errors
+    assert out.predictions[n:]
+
+
+def test_nan_input_is_flagged_never_published_as_a_number(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock)
+    events = []
+    for role, data, ts in chunk_events(session):
+        data = np.array(data, dtype=np.float64)
+        if role is Role.FMRI and 30 <= ts[0] - 1000.0 < 33:
+            data[0, :] = np.nan  # whole volumes lost
+        if role is Role.FMRI and 40 <= ts[0] - 1000.0 < 41:
+            data[0, :5] = np.inf  # a few broken ROIs
+        if role is Role.PPG and 50 <= ts[0] - 1000.0 < 52:
+            data[:] = np.nan
+        events.append((role, data, ts))
+    feed(engine, clock, events)
+    preds = out.predictions
+    assert len(preds) == session.n_volumes
+    for p in preds:
+        assert all(math.isfinite(v) for v in p.probabilities) and math.isfinite(p.intensity)
+        assert p.heart_rate is None or math.isfinite(p.heart_rate)
+    lost = [p for p in preds if 30 <= p.volume_timestamp - 1000.0 < 33]
+    assert lost and all({"roi_nonfinite", "roi_invalid"} <= set(p.flags) for p in lost)
+    few = [p for p in preds if 40 <= p.volume_timestamp - 1000.0 < 41]
+    assert few and "roi_nonfinite" in few[0].flags and "roi_invalid" not in few[0].flags
+
+
+async def test_timer_pauses_and_degrades_without_new_data(model, session) -> None:
+    """Under a real event loop and clock: only fMRI flows, at 20x speed.
+
+    The physiology never comes, so after the stall timeout (2 s engine time = 0.1 s real)
+    the engine says degraded and stops waiting; then the fMRI stops and the timer (no data
+    arrives to wake the engine) reports the pause.
+    """
+    import pylsl
+
+    config = apply_overrides(
+        load_config(None),
+        {"session.id": "t6", "streams.ppg.rate": 400.0, "streams.resp.rate": 50.0},
+    )
+    out = Collector()
+    engine = Engine(config, model, [out], time_scale=20.0)
+    engine.register_stream(Role.FMRI, "fmri", 20.0)  # a 20x replay declares 20 Hz for TR 1 s
+    vols = session.fmri.data[:20]
+
+    async def source():
+        start = pylsl.local_clock()
+        for i, v in enumerate(vols):
+            t = start + i / 20.0
+            await asyncio.sleep(max(0.0, t - pylsl.local_clock()))
+            yield Chunk(Role.FMRI, v[None, :], np.array([t]), pylsl.local_clock())
+        await asyncio.sleep(0.5)  # 10 s engine time without a volume
+        engine.stop()
+
+    await engine.run(source())
+    states = out.states()
+    assert states[0] == "starting" and "degraded" in states and states[-1] == "offline"
+    paused = [s for s in out.statuses if s.state == "paused"]
+    assert paused and "predictions paused" in paused[0].reason
+    assert len(out.predictions) == 20
+    assert all(not p.heart_rate_valid and not p.respiration_rate_valid for p in out.predictions)
+    assert out.closed
