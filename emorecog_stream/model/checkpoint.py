@@ -1,0 +1,149 @@
+"""Checkpoint files of the streaming EmoRecog-Net, and :func:`load_model` for every model kind.
+
+A checkpoint is a ``torch.save`` dict (loaded with ``weights_only=True``: no code runs on load):
+
+``format``            ``"emorecog-net-stream"``
+``format_version``    1
+``config``            :class:`~emorecog_stream.model.net.NetConfig` as a dict
+``state_dict``        weights plus the normalisation buffers (per-ROI mean/std of the baseline
+                      deviations, HR/RR mean/std, deviation spreads)
+``label_order``       ``["negative", "neutral", "positive"]``
+``package_version``   the emorecog-stream version that wrote it
+``training``          what it was trained on, the command, seed, split, epochs (free-form dict)
+``metrics``           validation/test figures written by training (free-form dict)
+
+``model_id`` is ``emorecog-net-stream:<package version>:<first 8 hex of a SHA-256 over the
+config and the weights>``, so two files with the same weights get the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emorecog_stream import __version__
+from emorecog_stream.model.api import StreamingModel
+from emorecog_stream.model.net import EmoRecogNet, NetConfig
+from emorecog_stream.model.stepper import StreamingEmoRecogNet
+from emorecog_stream.streams import CATEGORY_LABELS
+
+FORMAT = "emorecog-net-stream"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what was wrong."""
+
+
+def weights_hash(net: EmoRecogNet) -> str:
+    """SHA-256 over the config and every tensor of the state dict, in name order."""
+    digest = hashlib.sha256(json.dumps(net.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def model_id_for(net: EmoRecogNet, version: str) -> str:
+    return f"{FORMAT}:{version}:{weights_hash(net)[:8]}"
+
+
+def save_checkpoint(
+    net: EmoRecogNet,
+    path: str | Path,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> str:
+    """Write ``net`` to ``path`` (float32 weights); returns its model id."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().float().clone() for k, v in net.state_dict().items()}
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": net.config.to_dict(),
+        "state_dict": state,
+        "label_order": list(CATEGORY_LABELS),
+        "package_version": __version__,
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+    torch.save(checkpoint, path)
+    return model_id_for(net, __version__)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of any ``.pt`` file we write (ours or a converted Keras v1 model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint {str(path)!r}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a broken or foreign file
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: not a readable PyTorch checkpoint ({exc})"
+        ) from exc
+    if not isinstance(data, dict) or "format" not in data:
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: expected a dict with a 'format' key"
+            f" ({FORMAT!r} or 'keras-v1'), found {type(data).__name__}"
+            + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else "")
+        )
+    return data
+
+
+def net_from_checkpoint(data: dict[str, Any], path: str | Path) -> EmoRecogNet:
+    """Rebuild the network of one of our checkpoint dicts, checking every part."""
+    if data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: format {data.get('format')!r}, expected {FORMAT!r}"
+        )
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: format_version {data.get('format_version')!r},"
+            f" this version reads {FORMAT_VERSION}"
+        )
+    if list(data.get("label_order", [])) != list(CATEGORY_LABELS):
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: label order {data.get('label_order')!r},"
+            f" expected {list(CATEGORY_LABELS)}"
+        )
+    try:
+        net = EmoRecogNet(NetConfig.from_dict(dict(data["config"])))
+        net.load_state_dict(data["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"model checkpoint {str(path)!r}: {exc}") from exc
+    return net.eval()
+
+
+def load_model(path: str | Path | None = None) -> StreamingModel:
+    """Load a model for the engine.
+
+    * ``None``: the shipped default checkpoint (trained on synthetic data; see its model card).
+    * a ``.pt`` file written by ``emorecog-stream train`` (format ``emorecog-net-stream``), or by
+      ``emorecog-stream convert`` (format ``keras-v1``, handed to
+      :func:`emorecog_stream.model.keras_v1.load_converted`).
+    * ``"keras-v1:PATH"``: the published Keras v1.0 model from an ``.h5`` (or converted ``.pt``)
+      file, via :func:`emorecog_stream.model.keras_v1.load_keras_v1_model`.
+    """
+    if isinstance(path, str) and path.startswith("keras-v1:"):
+        from emorecog_stream.model import keras_v1
+
+        return keras_v1.load_keras_v1_model(path[len("keras-v1:") :])
+    path = DEFAULT_CHECKPOINT if path is None else Path(path)
+    data = read_checkpoint(path)
+    if data["format"] == "keras-v1":
+        from emorecog_stream.model import keras_v1
+
+        return keras_v1.load_converted(data, path)
+    net = net_from_checkpoint(data, path)
+    version = str(data.get("package_version", "?"))
+    metadata = {k: data.get(k) for k in ("training", "metrics", "package_version")}
+    metadata["path"] = str(path)
+    return StreamingEmoRecogNet(net, model_id_for(net, version), metadata)
