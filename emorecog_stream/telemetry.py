@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -235,7 +235,8 @@ class StreamStats:
     """One input stream as the dashboard shows it.
 
     ``nominal_rate`` 0 means irregular (LSL convention); ``lag_s`` is now - last sample time
-    (None before the first sample); ``buffer_fill`` is the ring buffer's fill fraction 0..1.
+    (None before the first sample); ``buffer_fill`` is the ring buffer's fill fraction 0..1
+    (None where the engine keeps no buffer for the stream, or did not say).
     """
 
     role: str
@@ -243,7 +244,7 @@ class StreamStats:
     nominal_rate: float
     measured_rate: float | None = None
     lag_s: float | None = None
-    buffer_fill: float = 0.0
+    buffer_fill: float | None = None
     overflows: int = 0
     gaps: int = 0
     state: StreamState = StreamState.ABSENT
@@ -356,7 +357,7 @@ class StreamMonitor:
         now: float,
         *,
         state: StreamState | None = None,
-        buffer_fill: float = 0.0,
+        buffer_fill: float | None = None,
         overflows: int = 0,
         stall_after_s: float | None = None,
         lost_after_s: float | None = None,
@@ -381,7 +382,7 @@ class StreamMonitor:
             nominal_rate=self.nominal_rate,
             measured_rate=self.meter.rate(now),
             lag_s=lag,
-            buffer_fill=min(1.0, max(0.0, float(buffer_fill))),
+            buffer_fill=None if buffer_fill is None else min(1.0, max(0.0, float(buffer_fill))),
             overflows=int(overflows),
             gaps=self.gaps,
             state=state,
@@ -497,16 +498,37 @@ class TelemetryRecorder:
         *,
         streams: Iterable[StreamStats] | None = None,
         mqtt: MqttStatsLike | None = None,
+        buffers: Mapping[str, Any] | None = None,
+        states: Mapping[str, StreamState] | None = None,
+        notes: Mapping[str, str] | None = None,
     ) -> EngineSnapshot:
-        """Freeze the current figures. ``streams`` defaults to the monitors' own view at ``now``.
+        """Freeze the current figures.
 
-        ``mqtt`` (e.g. ``MqttPublisher.stats``, already a frozen copy) replaces the stats kept
-        from the previous call; it must not change after it is handed over.
+        ``streams`` defaults to the monitors' own view at ``now``, completed per role from
+        ``buffers`` (objects with ``buffer_fill`` and ``overflow``, e.g.
+        ``Aligner.stats().streams``), ``states`` (the engine's verdict; otherwise derived from
+        the lag) and ``notes`` (why a stream is stalled or missing). ``mqtt`` (e.g.
+        ``MqttPublisher.stats``, already a frozen copy) replaces the stats kept from the
+        previous call; it must not change after it is handed over.
         """
         if mqtt is not None:
             self.mqtt = mqtt
         if streams is None:
-            streams = [m.stats(now) for m in self.monitors.values()]
+            buffers = buffers or {}
+            states = states or {}
+            notes = notes or {}
+            streams = []
+            for role, mon in self.monitors.items():
+                buf = buffers.get(role)
+                streams.append(
+                    mon.stats(
+                        now,
+                        state=states.get(role),
+                        buffer_fill=None if buf is None else buf.buffer_fill,
+                        overflows=0 if buf is None else buf.overflow,
+                        note=notes.get(role, ""),
+                    )
+                )
         p = self._last
         return EngineSnapshot(
             session_id=self.session_id,

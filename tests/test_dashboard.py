@@ -173,7 +173,7 @@ def test_render_shows_stalled_and_lost_streams_with_reasons() -> None:
             note="no samples for 4.5 s",
         ),
         StreamStats("resp", "EmoRecog-Resp", 50.0, 0.0, 31.0, 0.0, 0, 1, StreamState.LOST, 200),
-        StreamStats("rates", "EmoRecog-Rates", 0.0, None, None, 0.0, 0, 0, StreamState.ABSENT, 0),
+        StreamStats("rates", "EmoRecog-Rates", 0.0, None, None, None, 0, 0, StreamState.ABSENT, 0),
     )
     text = _text(_snapshot(streams=streams, status="degraded", status_reason="PPG stalled"))
     ppg = next(ln for ln in text.splitlines() if "EmoRecog-PPG" in ln)
@@ -182,6 +182,7 @@ def test_render_shows_stalled_and_lost_streams_with_reasons() -> None:
     assert "lost" in resp and "31.00 s" in resp
     rates = next(ln for ln in text.splitlines() if "EmoRecog-Rates" in ln)
     assert "irregular" in rates and "absent" in rates
+    assert rates.split().count("–") == 3  # measured, lag and buffer unknown
     assert "DEGRADED - PPG stalled" in text
 
 

@@ -246,3 +246,29 @@ def test_empty_snapshot_defaults() -> None:
     snap = TelemetryRecorder().snapshot(0.0)
     assert snap == EngineSnapshot(latency=snap.latency, uptime_s=0.0)
     assert snap.probabilities is None and snap.tr_index is None and snap.streams == ()
+
+
+def test_snapshot_takes_buffer_figures_states_and_notes_from_the_engine() -> None:
+    """The aligner's own per-stream stats fill the buffer columns (a real Aligner here)."""
+    from emorecog_stream.aligner import Aligner, AlignerConfig
+    from emorecog_stream.streams import Role
+
+    aligner = Aligner(AlignerConfig(ppg_srate=400.0, resp_srate=50.0))
+    rec = TelemetryRecorder()
+    ts = np.arange(0, 4000) / 400.0
+    aligner.push(Role.PPG, np.zeros((4000, 1)), ts)
+    rec.add_stream("ppg", "EmoRecog-PPG", 400.0).add(ts)
+    rec.add_stream("fmri", "EmoRecog-fMRI", 1.0).add(np.arange(0.0, 10.0))
+    snap = rec.snapshot(
+        10.0,
+        buffers=aligner.stats().streams,
+        states={"ppg": StreamState.STALLED},
+        notes={"ppg": "test says so"},
+    )
+    ppg, fmri = snap.streams
+    expected = aligner.stats().streams["ppg"]
+    assert ppg.buffer_fill == pytest.approx(expected.buffer_fill) and ppg.buffer_fill > 0
+    assert ppg.overflows == expected.overflow
+    assert ppg.state is StreamState.STALLED and ppg.note == "test says so"
+    assert fmri.buffer_fill is None  # the aligner keeps no ring buffer for volumes
+    assert fmri.state is StreamState.CONNECTED  # derived from its lag

@@ -169,7 +169,7 @@ def _streams_table(streams: Sequence[StreamStats], width: int) -> Table:
         state = Text(s.state.value, style=_STATE_STYLE.get(s.state, ""))
         if s.note:
             state.append(f" ({s.note})", style="dim")
-        fill = f"{s.buffer_fill * 100:3.0f}%"
+        fill = _MISSING if s.buffer_fill is None else f"{s.buffer_fill * 100:3.0f}%"
         row: list[RenderableType] = [s.role]
         if wide:
             row.append(s.name)
@@ -177,7 +177,7 @@ def _streams_table(streams: Sequence[StreamStats], width: int) -> Table:
             _fmt_rate(s.nominal_rate, nominal=True),
             _fmt_rate(s.measured_rate),
             _fmt(s.lag_s, ".2f", " s"),
-            f"{bar(s.buffer_fill, 6)} {fill}" if wide else fill,
+            f"{bar(s.buffer_fill, 6)} {fill}" if wide and s.buffer_fill is not None else fill,
             Text(str(s.gaps), style="yellow" if s.gaps else ""),
             Text(str(s.overflows), style="red" if s.overflows else ""),
             state,
