@@ -41,7 +41,6 @@ from emorecog_stream.streams import N_ROIS, Role
 __all__ = ["Aligner", "AlignerConfig", "AlignerStats", "StreamStats", "align_session"]
 
 _PHYSIO = (Role.PPG, Role.RESP)
-_CHANNELS = {Role.PPG: 1, Role.RESP: 1, Role.RATES: 2}
 
 
 @dataclass(frozen=True)
@@ -176,27 +175,28 @@ class Aligner:
         return self._buffers.get(Role(role))
 
     def push(self, role: Role | str, data: np.ndarray, timestamps: np.ndarray) -> None:
-        """Add a chunk: fMRI (n, n_rois), PPG/respiration (n, 1) or (n,), rates (n, 2)."""
-        role = Role(role)
+        """Add a chunk: fMRI (n, n_rois), PPG/respiration (n, 1) or (n,), rates (n, 2).
+
+        Raises ValueError naming the stream, the expected and the received shape on bad input.
+        """
+        if type(role) is not Role:
+            role = Role(role)
         if role is Role.FMRI:
             self._push_fmri(data, timestamps)
             return
-        if role is Role.MARKERS:
-            raise ValueError("markers are not aligned; pass them to the engine, not the aligner")
-        x = np.asarray(data, dtype=np.float64)
-        n_ch = _CHANNELS[role]
-        if x.ndim == 1 and n_ch == 1:
-            x = x[:, None]
-        if x.ndim != 2 or x.shape[1] != n_ch:
-            raise ValueError(
-                f"{role.value}: expected samples of shape (n, {n_ch}), got {np.shape(data)}"
-            )
-        buf = self._buffer(role)
-        buf.append(x, timestamps)
-        self._pushed[role] += x.shape[0]
-        latest = buf.latest_timestamp
-        if latest is not None:
-            self._latest[role] = latest
+        buf = self._buffers.get(role)
+        if buf is None:
+            if role is Role.MARKERS:
+                raise ValueError("markers are not aligned: pass them to the engine")
+            buf = self._buffer(role)
+        try:
+            accepted = buf.append(data, timestamps)
+        except ValueError as exc:
+            raise ValueError(f"{role.value}: {exc}") from None
+        self._pushed[role] += accepted
+        end = buf._end  # newest timestamp, read directly: this is the hot path
+        if end > buf._start:
+            self._latest[role] = buf._ts[end - 1]
 
     def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
         x = np.array(data, dtype=np.float32)  # a copy: the caller may reuse its array
@@ -277,7 +277,7 @@ class Aligner:
         nonfinite = tracker.nonfinite
         data, ts = buf.consume(t)
         if ts.shape[0]:
-            tracker.update(ts, data[:, 0])
+            tracker.feed(ts, data[:, 0])  # the buffer gives sorted, finite timestamps
         if tracker.nonfinite != nonfinite:
             notes.append(f"{role.value}: {tracker.nonfinite - nonfinite} non-finite samples")
         return tracker.estimate(t)

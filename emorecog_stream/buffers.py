@@ -90,13 +90,16 @@ class RingBuffer:
 
         Returns how many samples were accepted (see the module docstring for the policy).
         """
-        ts = np.asarray(timestamps, dtype=np.float64)
-        x = np.asarray(data)
-        if x.ndim == 1 and self.n_channels == 1:
-            x = x.reshape(-1, 1)
-        if ts.ndim == 0:
-            ts = ts.reshape(1)
-            if x.ndim == 1:
+        ts = timestamps
+        if type(ts) is not np.ndarray or ts.dtype != np.float64 or ts.ndim != 1:
+            ts = np.asarray(ts, dtype=np.float64)
+            if ts.ndim == 0:
+                ts = ts.reshape(1)
+        x = data if type(data) is np.ndarray else np.asarray(data)
+        if x.ndim != 2:
+            if x.ndim == 1 and self.n_channels == 1:
+                x = x.reshape(-1, 1)
+            elif x.ndim == 1 and ts.shape[0] == 1 and x.shape[0] == self.n_channels:
                 x = x.reshape(1, -1)
         if x.ndim != 2 or x.shape[1] != self.n_channels or ts.ndim != 1:
             raise ValueError(
@@ -111,14 +114,15 @@ class RingBuffer:
         if n == 0:
             return 0
         end = self._end
-        # Fast path: finite, sorted, and not older than what we hold.
+        t0 = float(ts[0])
+        # Fast path: finite, sorted, and newer than what we hold. A NaN/Inf inside the chunk
+        # makes some difference NaN or negative, so the min() test catches it too.
         if (
-            (end == self._start or ts[0] >= self._ts[end - 1])
-            and (n == 1 or ts[-1] >= ts[0])
-            and math.isfinite(ts[0])
+            (end == self._start or t0 >= self._ts[end - 1])
+            and t0 > self._consumed_t
+            and math.isfinite(t0)
             and math.isfinite(ts[-1])
-            and (n <= 2 or bool((ts[1:] >= ts[:-1]).all()))
-            and ts[0] > self._consumed_t
+            and (n == 1 or (ts[1:] - ts[:-1]).min() >= 0.0)
         ):
             self._write(x, ts)
             return n

@@ -1,0 +1,115 @@
+"""Aligner throughput: aligned steps per second, PPG 500 Hz + respiration 50 Hz in random chunks.
+
+A synthetic session (TR 1 s) is cut into random chunks per stream, the chunks are ordered by a
+simulated arrival time (last sample's timestamp + random latency), and each chunk is pushed
+followed by a poll, as the engine does. Only push/poll is timed (chunking happens before).
+Runs on one core: BLAS/OpenMP threads are pinned to 1 before numpy is imported.
+
+Usage: ``python benchmarks/bench_aligner.py [--volumes N] [--repeats R] [--chunk-s S]``.
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from emorecog_stream.aligner import Aligner, session_config  # noqa: E402
+from emorecog_stream.recordings.synth import SynthConfig, generate_session  # noqa: E402
+from emorecog_stream.streams import Role  # noqa: E402
+
+TARGET = 20_000.0
+
+
+def make_feed(volumes: int, chunk_s: float, seed: int) -> tuple[list, object]:
+    """(arrival, role, data, timestamps) chunks in arrival order, and the session."""
+    n_trials = max(3, int(np.ceil((volumes - 10) / 35.0)))
+    cfg = SynthConfig(n_participants=1, n_trials=n_trials, ppg_rate=500.0, resp_rate=50.0, tr=1.0)
+    session = generate_session(1, cfg)
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for role, stream in (
+        (Role.FMRI, session.fmri),
+        (Role.PPG, session.ppg),
+        (Role.RESP, session.resp),
+    ):
+        n = len(stream)
+        per_s = stream.nominal_srate
+        hi = max(2, int(round(2 * chunk_s * per_s)))  # sizes uniform on 1..2*mean
+        i = 0
+        while i < n:
+            k = int(rng.integers(1, hi + 1)) if role is not Role.FMRI else 1
+            j = min(n, i + k)
+            ts = stream.timestamps[i:j]
+            arrival = float(ts[-1]) + float(rng.uniform(0.0, 0.05))
+            chunks.append((arrival, role, stream.data[i:j], ts))
+            i = j
+    chunks.sort(key=lambda c: c[0])
+    return chunks, session
+
+
+def run_once(chunks: list, config) -> tuple[int, float]:
+    aligner = Aligner(config)
+    steps = 0
+    push, poll = aligner.push, aligner.poll
+    t0 = time.perf_counter()
+    for arrival, role, data, ts in chunks:
+        push(role, data, ts)
+        steps += len(poll(arrival))
+    steps += len(aligner.flush())
+    return steps, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunk-s", type=float, default=0.5, help="mean chunk duration (s)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    chunks, session = make_feed(args.volumes, args.chunk_s, args.seed)
+    config = session_config(session)
+    run_once(chunks, config)  # warm-up
+    rates, n_steps = [], 0
+    for _ in range(args.repeats):
+        n_steps, seconds = run_once(chunks, config)
+        rates.append(n_steps / seconds)
+    median = statistics.median(rates)
+    n_chunks = {r.value: sum(1 for c in chunks if c[1] is r) for r in (Role.PPG, Role.RESP)}
+    print(
+        f"aligner: {n_steps} steps (TR 1 s, PPG 500 Hz in {n_chunks['ppg']} chunks,"
+        f" respiration 50 Hz in {n_chunks['resp']} chunks, mean chunk {args.chunk_s} s),"
+        f" {args.repeats} repeats"
+    )
+    print(
+        f"median {median:,.0f} steps/s (min {min(rates):,.0f}, max {max(rates):,.0f});"
+        f" target {TARGET:,.0f}: {'met' if median >= TARGET else 'NOT met'}"
+    )
+    result = {
+        "benchmark": "aligner_throughput",
+        "steps_per_s": round(median, 1),
+        "target": TARGET,
+        "ratio": round(median / TARGET, 3),
+        "steps": n_steps,
+        "repeats": args.repeats,
+        "mean_chunk_s": args.chunk_s,
+        "ppg_hz": 500.0,
+        "resp_hz": 50.0,
+        "tr_s": 1.0,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
