@@ -129,6 +129,22 @@ def keras_same_padding(kernel: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def conv1d_as_gemm(x: torch.Tensor, conv: nn.Conv1d, pad: tuple[int, int]) -> torch.Tensor:
+    """Stride-1 Conv1d on (B, in, T) as one matrix product: weights (out, in*k) @ columns.
+
+    Why: at batch 1 and 12-25 time steps the layer is bound by reading its weights (the second
+    convolution holds 120 MB per stream); PyTorch's oneDNN convolution path was about 3x slower
+    than one GEMM over the unfolded input on the 2-core target (benchmarks/bench_keras_v1.py).
+    """
+    out_ch, in_ch, k = conv.weight.shape
+    x = F.pad(x, pad)
+    b, _, t_pad = x.shape
+    t = t_pad - k + 1
+    cols = x.unfold(2, k, 1).permute(1, 3, 0, 2).reshape(in_ch * k, b * t)  # (in*k, B*T)
+    y = torch.addmm(conv.bias[:, None], conv.weight.reshape(out_ch, in_ch * k), cols)
+    return y.reshape(out_ch, b, t).transpose(0, 1)
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     """A Keras activation by its string name, computed as Keras does."""
     if name == "leaky_relu":
@@ -163,9 +179,9 @@ class KerasV1Stream(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.sizes
-        x = activation(self.act, self.conv1(F.pad(x, self.pad1)))
+        x = activation(self.act, conv1d_as_gemm(x, self.conv1, self.pad1))
         x = F.max_pool1d(x, s.pool1[0], s.pool1[1])
-        x = activation(self.act, self.conv2(F.pad(x, self.pad2)))
+        x = activation(self.act, conv1d_as_gemm(x, self.conv2, self.pad2))
         x = F.avg_pool1d(x, s.pool2[0], s.pool2[1])
         _, h = self.gru(x.transpose(1, 2))  # last state only, as Keras GRU(return_sequences=False)
         h = activation(self.act, self.dense1(h[0]))
