@@ -212,3 +212,45 @@ def test_learnable_but_not_trivial():
     assert 0.45 < fmri_only < 0.85, fmri_only
     assert both >= fmri_only + 0.03, (fmri_only, both)
     assert both < 0.95
+
+
+def test_config_round_trips_through_metadata():
+    config = SynthConfig(seed=9, tr=2.0, hr_shift_by_category=(1.0, 2.0, 3.0))
+    assert SynthConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
+        SynthConfig.from_dict({"colour": 1})
+
+
+def test_synth_command_writes_loadable_xdf(tmp_path, capsys):
+    from emorecog_stream.cli import main
+    from emorecog_stream.recordings import load_sessions
+
+    args = ["synth", str(tmp_path), "--participants", "P02", "--n-participants", "2"]
+    args += ["--trials", "3", "--rest", "2", "--tr", "2", "--ppg-rate", "100", "--seed", "3"]
+    assert main(args) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["P02.xdf"]
+    [s] = load_sessions(tmp_path)
+    fresh = generate_session(
+        2, SynthConfig(seed=3, n_participants=2, n_trials=3, rest_s=2.0, tr=2.0, ppg_rate=100.0)
+    )
+    assert s.tr == 2.0 and s.ppg.nominal_srate == 100.0
+    np.testing.assert_array_equal(s.fmri.data, fresh.fmri.data)
+    assert s.markers == fresh.markers
+    # refuses to overwrite, and names bad participant lists
+    assert main(args) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main([*args, "--force", "--compress"]) == 0
+    assert (tmp_path / "P02.xdfz").is_file()
+    assert main(["synth", str(tmp_path), "--participants", "x7"]) == 2
+    assert "cannot read 'x7'" in capsys.readouterr().err
+
+
+def test_synth_help(capsys):
+    from emorecog_stream.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--participants", "--seed", "--tr", "--ppg-rate", "--resp-rate", "--compress"):
+        assert flag in out

@@ -66,7 +66,16 @@ BENCHMARK_LEVELS_BY_CATEGORY: dict[int, dict[int, int]] = {
 }
 
 # Component ids for the random streams (never reuse one for another purpose).
-_RNG_DESIGN, _RNG_GROUP, _RNG_SUBJECT, _RNG_FMRI, _RNG_RESP, _RNG_HEART, _RNG_PPG = range(7)
+(
+    _RNG_DESIGN,
+    _RNG_GROUP,
+    _RNG_SUBJECT,
+    _RNG_FMRI,
+    _RNG_RESP,
+    _RNG_HEART,
+    _RNG_PPG,
+    _RNG_PHYSIO_SUBJECT,
+) = range(8)
 
 
 @dataclass(frozen=True)
@@ -405,8 +414,7 @@ def _fmri(
 def _physiology_targets(
     config: SynthConfig, participant: int, design: _Design
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    subj = _rng(config, participant, _RNG_SUBJECT)
-    subj.normal()  # the fMRI gain draw comes first in this stream; keep draws independent
+    subj = _rng(config, participant, _RNG_PHYSIO_SUBJECT)
     hr0 = float(subj.uniform(*config.hr_baseline_range))
     rr0 = float(subj.uniform(*config.rr_baseline_range))
     reactivity = float(np.exp(subj.normal(0.0, 0.25)))
