@@ -171,6 +171,7 @@ class RingBuffer:
             self.overwritten += skip
             self.overflow += skip  # never seen by a consumer
             self.appended += skip
+            self._consumed_t = max(self._consumed_t, float(ts[skip - 1]))
             x, ts, n = x[skip:], ts[skip:], cap
         held = self._end - self._start
         if held + n > cap:

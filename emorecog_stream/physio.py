@@ -148,8 +148,10 @@ class PeakRateTracker:
     ``update`` takes samples in time order (the aligner's ring buffer guarantees it); samples
     older than the last one processed, or with a non-finite timestamp, are ignored and counted in
     ``dropped``. The rate at ``t``
-    uses the peaks found in samples processed so far whose time lies in ``[t - window_s, t]``.
-    Memory is bounded: peaks older than the window (plus a margin) are pruned.
+    uses the peaks found in samples processed so far whose time lies in ``[t - window_s, t]``:
+    ask for ``t`` at or shortly before :attr:`last_timestamp` (the aligner feeds samples up to
+    ``t``, then asks). Memory is bounded: peaks more than the window plus 5 s older than the
+    newest peak are pruned.
     """
 
     def __init__(self, fs: float, method: RateMethod, window_s: float | None = None) -> None:

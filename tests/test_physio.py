@@ -1,0 +1,281 @@
+"""Heart and respiration rate: accuracy against NeuroKit2 and the corpus generator, streaming
+equals offline, and unusable windows give None with a reason."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy.signal import sosfilt
+
+from emorecog_stream import physio
+from emorecog_stream.physio import (
+    HEART,
+    RESPIRATION,
+    HeartRateTracker,
+    PeakRateTracker,
+    RespirationRateTracker,
+    heart_rate,
+    heart_rate_estimate,
+    respiration_rate,
+    respiration_rate_estimate,
+)
+
+nk = pytest.importorskip("neurokit2")
+
+
+def _nk_heart_rate(signal: np.ndarray, fs: float) -> float:
+    """NeuroKit2's rate over the window: its own cleaning and peak detector, mean interval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peaks = nk.ppg_findpeaks(nk.ppg_clean(signal, sampling_rate=fs), sampling_rate=fs)
+    p = np.asarray(peaks["PPG_Peaks"])
+    return 60.0 * (len(p) - 1) / ((p[-1] - p[0]) / fs)
+
+
+def _nk_resp_rate(signal: np.ndarray, fs: float) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = nk.rsp_clean(signal, sampling_rate=fs)
+        peaks = nk.rsp_findpeaks(clean, sampling_rate=fs)
+    p = np.asarray(peaks["RSP_Peaks"])
+    return 60.0 * (len(p) - 1) / ((p[-1] - p[0]) / fs)
+
+
+@pytest.mark.parametrize("fs", [50, 100, 400, 500])
+def test_heart_rate_within_2_bpm_of_neurokit_on_95_percent_of_windows(fs: int) -> None:
+    errors = []
+    for i, hr in enumerate(np.linspace(55, 120, 12)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ppg = nk.ppg_simulate(
+                duration=60,
+                sampling_rate=fs,
+                heart_rate=hr,
+                frequency_modulation=0.1,
+                ibi_randomness=0.1,
+                drift=0.5,
+                motion_amplitude=0.2,
+                powerline_amplitude=0.05,
+                burst_number=0,
+                random_state=1000 + i,
+            )
+        for start in (0, 15, 30, 45):
+            window = ppg[start * fs : (start + 15) * fs]
+            ours = heart_rate(window, fs)
+            ref = _nk_heart_rate(window, fs)
+            errors.append(abs(ours - ref) if ours is not None else math.inf)
+            assert abs(ref - hr) < 6  # the reference itself tracks the simulated rate
+    errors = np.asarray(errors)
+    assert np.mean(errors <= 2.0) >= 0.95, sorted(errors)[-5:]
+
+
+@pytest.mark.parametrize("fs", [25, 50, 100])
+def test_respiration_rate_within_1_per_minute_on_regular_breathing(fs: int) -> None:
+    for i, rr in enumerate(np.linspace(8, 25, 8)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resp = nk.rsp_simulate(
+                duration=60, sampling_rate=fs, respiratory_rate=rr, noise=0.05,
+                method="sinusoidal", random_state=2000 + i,
+            )  # fmt: skip
+        for start in (0, 30):
+            window = resp[start * fs : (start + 30) * fs]
+            ours = respiration_rate(window, fs)
+            assert ours is not None
+            assert abs(ours - rr) <= 1.0, (rr, ours)
+            assert abs(ours - _nk_resp_rate(window, fs)) <= 1.0
+
+
+@pytest.mark.parametrize("fs", [50, 100])
+def test_respiration_rate_within_1_per_minute_of_neurokit_on_irregular_breathing(fs: int) -> None:
+    errors = []
+    for i, rr in enumerate(np.linspace(8, 25, 16)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resp = nk.rsp_simulate(
+                duration=120, sampling_rate=fs, respiratory_rate=rr, noise=0.05,
+                method="breathmetrics", random_state=100 + i,
+            )  # fmt: skip
+        for start in (0, 30, 60):
+            window = resp[start * fs : (start + 30) * fs]
+            ours = respiration_rate(window, fs)
+            ref = _nk_resp_rate(window, fs)
+            errors.append(abs(ours - ref) if ours is not None else math.inf)
+    errors = np.asarray(errors)
+    assert np.mean(errors <= 1.0) >= 0.95, sorted(errors)[-5:]
+
+
+def _chunks(n: int, rng: np.random.Generator, max_chunk: int) -> list[tuple[int, int]]:
+    out, i = [], 0
+    while i < n:
+        j = min(n, i + int(rng.integers(1, max_chunk + 1)))
+        out.append((i, j))
+        i = j
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_tracker_gives_identical_estimates_whatever_the_chunking(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fs = 100.0
+    n = 90 * 100
+    t = np.arange(n) / fs
+    hr = 70 + 10 * np.sin(2 * np.pi * t / 60)
+    x = np.sin(2 * np.pi * np.cumsum(hr / 60) / fs) ** 3 + 0.1 * rng.standard_normal(n)
+    x[3000:3005] = np.nan  # a burst of bad samples
+    t[6000:] += 2.0  # a 2 s gap
+    whole = HeartRateTracker(fs)
+    whole.update(t, x)
+    chunked = HeartRateTracker(fs)
+    for i, j in _chunks(n, rng, 400):
+        chunked.update(t[i:j], x[i:j])
+    assert whole._peak_t == chunked._peak_t
+    for q in np.linspace(5, t[-1], 50):
+        assert whole.estimate(q) == chunked.estimate(q)
+    # asking along the way, after feeding up to each query time (as the aligner does), gives
+    # the same answers whatever the chunking, and does not change the tracker's state
+    answers = []
+    for max_chunk in (37, 500):
+        tracker, k, got = HeartRateTracker(fs), 0, []
+        for q in range(1, 90):
+            upto = int(np.searchsorted(t, float(q), side="right"))
+            for i, j in _chunks(upto - k, rng, max_chunk):
+                tracker.update(t[k + i : k + j], x[k + i : k + j])
+            k = upto
+            got.append(tracker.estimate(float(q)))
+        tracker.update(t[k:], x[k:])
+        assert tracker._peak_t == whole._peak_t
+        answers.append(got)
+    assert answers[0] == answers[1]
+    assert sum(a.valid for a in answers[0]) > 60
+
+
+def test_rate_follows_a_changing_heart_rate() -> None:
+    fs = 200.0
+    n = int(120 * fs)
+    t = np.arange(n) / fs
+    hr = np.where(t < 60, 60.0, 100.0)
+    x = np.sin(2 * np.pi * np.cumsum(hr / 60) / fs)
+    tracker = HeartRateTracker(fs)
+    tracker.update(t[: int(55 * fs)], x[: int(55 * fs)])
+    assert tracker.rate(55.0) == pytest.approx(60.0, abs=1.0)
+    tracker.update(t[int(55 * fs) :], x[int(55 * fs) :])
+    assert tracker.rate(118.0) == pytest.approx(100.0, abs=1.0)
+    assert tracker.estimate(118.0).quality > 0.9
+
+
+def test_unusable_windows_give_none_with_a_reason() -> None:
+    fs = 100.0
+    assert heart_rate(np.zeros(1500), fs) is None
+    est = heart_rate_estimate(np.zeros(1500), fs)
+    assert est.value is None and est.quality == 0.0 and "peaks" in est.reason
+    assert heart_rate(np.ones(1), fs) is None
+    assert respiration_rate(np.zeros(3000), 50.0) is None
+    all_nan = heart_rate_estimate(np.full(1500, np.nan), fs)
+    assert all_nan.value is None and "no data" in all_nan.reason
+    t = np.arange(1500) / fs
+    mostly_nan = np.sin(2 * np.pi * 1.2 * t)
+    mostly_nan[:800] = np.nan
+    est = heart_rate_estimate(mostly_nan, fs)
+    assert est.value is None and "covers" in est.reason
+
+
+def test_nan_samples_do_not_poison_the_filter() -> None:
+    fs = 100.0
+    t = np.arange(3000) / fs
+    x = np.sin(2 * np.pi * 1.25 * t)
+    x[1000] = np.nan
+    x[1500] = np.inf
+    tracker = HeartRateTracker(fs)
+    tracker.update(t, x)
+    assert tracker.nonfinite == 2
+    assert tracker.rate(29.9) == pytest.approx(75.0, abs=0.5)
+
+
+def test_no_interval_spans_a_gap() -> None:
+    fs = 100.0
+    t = np.arange(3000) / fs
+    t[1500:] += 7.3  # a gap that is not a multiple of the beat period
+    x = np.sin(2 * np.pi * 1.0 * np.arange(3000) / fs)
+    tracker = HeartRateTracker(fs)
+    tracker.update(t, x)
+    assert tracker.gaps == 1
+    # the window [22, 37] straddles the gap: intervals on either side are 1 s
+    est = tracker.estimate(37.0)
+    assert est.value == pytest.approx(60.0, abs=0.5)
+
+
+def test_old_and_non_finite_timestamps_are_dropped_and_counted() -> None:
+    tracker = HeartRateTracker(100.0)
+    tracker.update(np.array([0.0, 0.01, np.nan, 0.03]), np.zeros(4))
+    tracker.update(np.array([0.02, 0.04]), np.zeros(2))
+    assert tracker.dropped == 2
+    assert tracker.last_timestamp == pytest.approx(0.04)
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="sampling rate"):
+        HeartRateTracker(0.0)
+    with pytest.raises(ValueError, match="too low"):
+        RespirationRateTracker(0.05)
+    with pytest.raises(ValueError, match="one timestamp per sample"):
+        HeartRateTracker(100.0).update(np.arange(3.0), np.zeros(4))
+    with pytest.raises(ValueError, match="1-D signal"):
+        heart_rate(np.zeros((10, 3)), 100.0)
+
+
+def test_low_sampling_rate_moves_the_band_below_nyquist() -> None:
+    # 5 Hz respiration: the upper band edge (0.8 Hz) is fine; 4 Hz PPG clips the 3.5 Hz edge
+    fs = 4.0
+    t = np.arange(int(30 * fs)) / fs
+    assert heart_rate(np.sin(2 * np.pi * 1.0 * t), fs) == pytest.approx(60.0, abs=2.0)
+
+
+def test_private_filter_kernel_matches_sosfilt() -> None:
+    assert physio._FILTER_KERNEL is not None  # fast path active on the pinned scipy
+    tracker = PeakRateTracker(500.0, HEART)
+    x = np.random.default_rng(0).standard_normal(777)
+    zi = tracker._zi_unit * 0.3
+    want, want_zi = sosfilt(tracker._sos, x, zi=zi)
+    got_zi = zi.copy()
+    got = physio._FILTER_KERNEL(tracker._sos, x, got_zi)
+    assert np.array_equal(want, got) and np.array_equal(want_zi, got_zi)
+
+
+def test_offline_helpers_accept_column_vectors_and_report_quality() -> None:
+    fs = 50.0
+    t = np.arange(int(30 * fs)) / fs
+    resp = np.sin(2 * np.pi * (15 / 60) * t)[:, None]
+    est = respiration_rate_estimate(resp, fs)
+    assert est.value == pytest.approx(15.0, abs=0.3)
+    assert 0.9 <= est.quality <= 1.0 and est.valid
+    assert RESPIRATION.window_s == 30.0 and HEART.window_s == 15.0
+
+
+def test_heart_and_respiration_rate_on_the_synthetic_corpus_match_its_ground_truth() -> None:
+    synth = pytest.importorskip("emorecog_stream.recordings.synth")
+    cfg = synth.SynthConfig(n_participants=2, n_trials=4)
+    hr_err, rr_err = [], []
+    for index in (1, 2):
+        session = synth.generate_session(index, cfg)
+        truth = session.metadata["truth"]
+        hr_t = HeartRateTracker(session.ppg.nominal_srate)
+        rr_t = RespirationRateTracker(session.resp.nominal_srate)
+        for t in session.fmri.timestamps:
+            for tracker, stream in ((hr_t, session.ppg), (rr_t, session.resp)):
+                i0 = np.searchsorted(stream.timestamps, tracker.last_timestamp, side="right")
+                i1 = np.searchsorted(stream.timestamps, t, side="right")
+                tracker.update(stream.timestamps[i0:i1], stream.data[i0:i1, 0])
+            if t < 35.0:  # both windows full
+                continue
+            want_hr = truth.heart_rate_between(t - 15.0, t)
+            want_rr = truth.respiration_rate_between(t - 30.0, t)
+            got_hr, got_rr = hr_t.rate(t), rr_t.rate(t)
+            hr_err.append(abs(got_hr - want_hr) if got_hr is not None else math.inf)
+            rr_err.append(abs(got_rr - want_rr) if got_rr is not None else math.inf)
+    hr_err, rr_err = np.asarray(hr_err), np.asarray(rr_err)
+    assert np.mean(hr_err <= 2.0) >= 0.95, np.sort(hr_err)[-5:]
+    assert np.mean(rr_err <= 1.0) >= 0.95, np.sort(rr_err)[-5:]
