@@ -51,7 +51,7 @@ def test_capacity_is_fixed_and_overflow_counts_unconsumed_losses() -> None:
     buf2 = RingBuffer(50, 2)
     for i in range(0, 1000, 7):
         buf2.append(data[i : i + 7], ts[i : i + 7])
-        got, got_t = buf2.consume(np.inf)
+        got, _ = buf2.consume(np.inf)
         assert got.shape[0] == min(7, 1000 - i)
     assert buf2.overflow == 0 and buf2.overwritten == 950
 
@@ -68,7 +68,7 @@ def test_chunk_larger_than_capacity_keeps_the_newest() -> None:
 def test_consume_hands_out_each_sample_once_in_order() -> None:
     buf = RingBuffer(100, 1)
     buf.append(np.arange(10.0), np.arange(10.0))
-    got, got_t = buf.consume(3.5)
+    _, got_t = buf.consume(3.5)
     assert got_t.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert buf.consumed_timestamp == 3.0 and buf.unconsumed == 6
     assert buf.consume(3.9)[1].shape == (0,)
