@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pyxdf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
@@ -284,3 +286,64 @@ def test_tr_falls_back_to_nominal_rate_and_override(tmp_path, small_session):
 def test_write_rejects_other_suffix(tmp_path, small_session):
     with pytest.raises(ValueError, match=r"expected a \.xdf or \.xdfz path"):
         write_xdf(small_session, tmp_path / "s.h5")
+
+
+def test_one_stream_can_feed_two_roles_by_channel():
+    rec = read_xdf_streams(
+        MINIMAL, ["ppg=name=SendDataC,channel=0", "resp=name=SendDataC,channel=2"]
+    )
+    both = read_xdf_streams(MINIMAL, ["ppg=name=SendDataC"]).signals[Role.PPG].data
+    np.testing.assert_array_equal(rec.signals[Role.PPG].data[:, 0], both[:, 0])
+    np.testing.assert_array_equal(rec.signals[Role.RESP].data[:, 0], both[:, 2])
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n_vol=st.integers(1, 4),
+    n_ppg=st.integers(0, 300),
+    seed=st.integers(0, 2**32 - 1),
+    participant=_TEXT,
+    ppg_name=_TEXT,
+    texts=st.lists(st.text(max_size=40), max_size=6),
+    start=st.floats(-1e6, 1e6, allow_nan=False),
+)
+def test_round_trip_property(tmp_path, n_vol, n_ppg, seed, participant, ppg_name, texts, start):
+    """Any values (NaN and inf included), names with XML specials, any marker text."""
+    rng = np.random.default_rng(seed)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40], dtype=np.float32)
+    fmri = rng.normal(size=(n_vol, N_ROIS)).astype(np.float32)
+    fmri.ravel()[rng.integers(0, fmri.size, 6)] = special
+    ppg = rng.normal(size=(n_ppg, 1)).astype(np.float32)
+    session = Session(
+        participant=participant,
+        tr=0.8,
+        fmri=SignalStream(
+            Role.FMRI, "f<&>", "fMRI", fmri, start + np.arange(n_vol) * 0.8, 1.25, roi_labels()
+        ),
+        ppg=SignalStream(
+            Role.PPG, ppg_name, "PPG", ppg, start + np.sort(rng.uniform(0, 5, n_ppg)), 0.0
+        ),
+        markers=[Marker(start + i * 0.5, t) for i, t in enumerate(texts)],
+    )
+    back = read_xdf_session(write_xdf(session, tmp_path / "p.xdf"))
+    assert back.participant == participant and back.ppg.name == ppg_name
+    np.testing.assert_array_equal(back.fmri.data.view(np.uint32), fmri.view(np.uint32))
+    np.testing.assert_array_equal(back.fmri.timestamps, session.fmri.timestamps)
+    np.testing.assert_array_equal(back.ppg.data, ppg)
+    np.testing.assert_array_equal(back.ppg.timestamps, session.ppg.timestamps)
+    assert back.markers == session.markers
+
+
+def test_writer_rejects_text_xml_cannot_hold(tmp_path, small_session):
+    bad = Session(
+        participant="P\x01",
+        tr=1.0,
+        fmri=small_session.fmri,
+    )
+    with pytest.raises(ValueError, match=r"participant.*control character"):
+        write_xdf(bad, tmp_path / "bad.xdf")

@@ -34,6 +34,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -620,10 +621,19 @@ def _xml(root: ET.Element) -> bytes:
     return b'<?xml version="1.0"?>' + ET.tostring(root, encoding="utf-8")
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _sub(parent: ET.Element, tag: str, text: Any = None) -> ET.Element:
     el = ET.SubElement(parent, tag)
     if text is not None:
         el.text = str(text)
+        bad = _XML_INVALID.search(el.text)
+        if bad:
+            raise ValueError(
+                f"write_xdf: {tag} {el.text!r} holds control character {bad.group()!r},"
+                " which an XML header cannot carry"
+            )
     return el
 
 
