@@ -7,4 +7,4 @@ import os
 # LSL on loopback only: tests never look for streams beyond this machine.
 os.environ.setdefault("LSLAPICFG", os.path.join(os.path.dirname(__file__), "lsl_api.cfg"))
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.plugins.mqtt_broker", "tests.plugins.lsl"]

@@ -66,7 +66,8 @@ class EmbeddedBroker:
     """An amqtt broker in this event loop, on ``host:port`` or a free port if that is taken.
 
     ``fallback_to_free_port=False`` makes a taken port an error instead (used for restarts on the
-    same port). ``quiet=True`` lowers amqtt's own loggers to WARNING (it logs every connection).
+    same port). ``quiet=True`` lowers amqtt's own loggers to ERROR: it logs every connection, and a
+    warning for each MQTT 5 probe that it refuses (the publisher then falls back to 3.1.1).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class EmbeddedBroker:
         self._broker: Any = None
         if quiet:
             for name in ("amqtt", "transitions"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+                logging.getLogger(name).setLevel(logging.ERROR)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,1 @@
+"""Fixture plugins for the tests: one module per real part (brokers, streams, ...)."""
