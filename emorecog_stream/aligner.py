@@ -13,12 +13,15 @@ Live (:class:`Aligner`): a step is emitted as soon as every *expected* stream ha
 a timestamp ``>= t`` (so all of its samples up to ``t`` have arrived, given in-order arrival), or
 when ``now >= t + deadline_s``; then ``deadline_expired`` is set and the late stream's rate is
 computed from what has arrived (valid only if its window is still covered well enough, else
-flagged missing). Steps come out in volume order. Samples that arrive for a time the aligner has
-already moved past are dropped and counted (see :class:`~emorecog_stream.buffers.RingBuffer`).
+flagged missing). Steps come out in volume order. A late sample newer than the last one a step
+consumed is kept (the next step uses it); an older one can no longer be used and is dropped and
+counted (see :class:`~emorecog_stream.buffers.RingBuffer`). A volume older than the last
+emitted step, or with a non-finite timestamp, is dropped and counted.
 
 Offline (:func:`align_session`) feeds a whole recording through the same :class:`Aligner`
-in time order, so for any chunking, interleaving and arrival jitter that keeps within the
-deadline, the live steps equal the offline steps exactly (bit for bit).
+in time order, so for any chunking, interleaving and arrival jitter, the live steps equal the
+offline steps exactly (bit for bit) provided each stream arrives in order and every sample
+arrives before the deadline of the volumes that need it (the property test pins this).
 
 Why lazy: physiology is only filtered when a step needs it (``consume`` up to ``t``), so every
 sample is processed once, in order, and the cost per step is O(new samples).
