@@ -1,13 +1,239 @@
-"""`emorecog-stream listen` (placeholder until its issue lands)."""
+"""`emorecog-stream listen`: subscribe to a broker and print predictions and status changes.
+
+Why: the quickest way to see that the engine publishes, and the reference for how a subscriber
+reads the payloads (schema in ``emorecog_stream/sinks/prediction.schema.json``). QoS 1 means a
+prediction can arrive twice after a reconnect; this command shows each ``sequence`` once per
+engine run (the memory of seen sequences is cleared when the session goes ``offline``).
+Human-readable lines go to stdout; ``--json`` prints each payload as one JSON line instead.
+Progress and errors go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections import deque
+from typing import Any
+
+DEFAULT_URL = "mqtt://127.0.0.1:1883"
+_SEEN_WINDOW = 4096
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument(
+        "--mqtt",
+        default=DEFAULT_URL,
+        metavar="URL",
+        help=f"broker, mqtt://[user@]host:port or mqtts://... (default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--session", default=None, metavar="ID", help="only this session (default: every session)"
+    )
+    parser.add_argument("--prefix", default="emorecog", help="topic prefix (default emorecog)")
+    parser.add_argument("--json", action="store_true", help="print raw JSON payloads, one per line")
+    parser.add_argument("--physio", action="store_true", help="also print the per-TR physio topic")
+    parser.add_argument(
+        "--count", type=int, default=None, metavar="N", help="exit after N predictions"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit after S seconds (status 1 if --count was not reached)",
+    )
+    parser.add_argument(
+        "--password-env", metavar="VAR", help="read the password from this variable"
+    )
+    parser.add_argument("--password-file", metavar="FILE", help="read the password from this file")
+    parser.add_argument("--ca-file", metavar="FILE", help="CA certificate for mqtts://")
+    parser.add_argument("--cert-file", metavar="FILE", help="client certificate for mqtts://")
+    parser.add_argument("--key-file", metavar="FILE", help="client key for mqtts://")
+    parser.add_argument("--insecure", action="store_true",
+                        help="mqtts:// without certificate checks (testing only)")  # fmt: skip
+
+
+def _fmt_rate(value: Any, valid: Any, unit: str) -> str:
+    if valid and isinstance(value, (int, float)):
+        return f"{value:5.1f} {unit}"
+    return f"  -- {unit}"
+
+
+def format_prediction(p: dict[str, Any]) -> str:
+    """One readable line per prediction (raises KeyError/TypeError on a malformed payload)."""
+    probs = p["probabilities"]
+    level = p.get("level")
+    parts = [
+        f"[{p['session']}] #{p['sequence']:<5d} TR {p['tr_index']:<4d}"
+        f" t={p['volume_timestamp']:.3f}",
+        f"{p['category']:<8}",
+        f"neg {probs['negative']:.2f} neu {probs['neutral']:.2f} pos {probs['positive']:.2f}",
+        f"intensity {p['intensity']:+.2f}" + (f" (level {level:+d})" if level is not None else ""),
+        f"HR {_fmt_rate(p['heart_rate'], p['heart_rate_valid'], 'bpm')}",
+        f"RR {_fmt_rate(p['respiration_rate'], p['respiration_rate_valid'], '/min')}",
+        f"latency {p['latency_ms']:.1f} ms",
+    ]
+    if p.get("flags"):
+        parts.append("flags " + ",".join(p["flags"]))
+    return "  ".join(parts)
+
+
+def format_physio(p: dict[str, Any]) -> str:
+    return (
+        f"[{p['session']}] #{p['sequence']:<5d} TR {p['tr_index']:<4d} physio"
+        f"  HR {_fmt_rate(p['heart_rate'], p['heart_rate_valid'], 'bpm')}"
+        f"  RR {_fmt_rate(p['respiration_rate'], p['respiration_rate_valid'], '/min')}"
+    )
+
+
+def format_status(p: dict[str, Any]) -> str:
+    reason = f" ({p['reason']})" if p.get("reason") else ""
+    return f"[{p['session']}] status {p['state'].upper()}{reason}  at {p['utc']}"
+
+
+class _Printer:
+    """Turns messages into output lines; de-duplicates predictions by (session, sequence)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.predictions = 0
+        self._seen: dict[str, tuple[set[int], deque[int]]] = {}
+
+    def handle(self, topic: str, raw: bytes) -> str | None:
+        kind = topic.rsplit("/", 1)[-1]
+        try:
+            payload = json.loads(raw)
+            if not isinstance(payload, dict):
+                raise TypeError(f"expected a JSON object, got {type(payload).__name__}")
+            session = str(payload["session"])
+            if kind == "prediction":
+                seen, order = self._seen.setdefault(session, (set(), deque()))
+                seq = int(payload["sequence"])
+                if seq in seen:
+                    return None
+                seen.add(seq)
+                order.append(seq)
+                if len(order) > _SEEN_WINDOW:
+                    seen.discard(order.popleft())
+                line = format_prediction(payload)
+                self.predictions += 1
+            elif kind == "status":
+                if payload.get("state") == "offline":
+                    self._seen.pop(session, None)  # a restarted engine counts from 0 again
+                line = format_status(payload)
+            elif kind == "physio":
+                line = format_physio(payload)
+            else:
+                return None
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"listen: ignoring malformed message on {topic}: {exc!r}", file=sys.stderr)
+            return None
+        return json.dumps(payload, separators=(",", ":")) if self.as_json else line
 
 
 def main(args: argparse.Namespace) -> int:
-    raise SystemExit("emorecog-stream listen: not implemented yet")
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from emorecog_stream.cli import UsageError
+    from emorecog_stream.sinks.mqtt import MqttConfigError, MqttSettings
+    from emorecog_stream.sinks.payload import PayloadError, validate_session_id
+
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be >= 1, got {args.count}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    try:
+        settings = MqttSettings.from_url(
+            args.mqtt,
+            password_env=args.password_env,
+            password_file=args.password_file,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            tls_insecure=args.insecure,
+            topic_prefix=args.prefix,
+        )
+        session = "+" if args.session is None else validate_session_id(args.session)
+        context = settings.ssl_context()
+    except (MqttConfigError, PayloadError) as exc:
+        raise UsageError(str(exc)) from None
+
+    kinds = ["prediction", "status"] + (["physio"] if args.physio else [])
+    topics = [f"{settings.topic_prefix}/{session}/{kind}" for kind in kinds]
+    printer = _Printer(args.json)
+    outcome: dict[str, Any] = {"error": None, "done": False}
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if context is not None:
+        client.tls_set_context(context)
+        if settings.tls_insecure:
+            client.tls_insecure_set(True)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            user = f" (user {settings.username!r})" if settings.username else ""
+            outcome["error"] = f"broker {settings.url} refused the connection: {rc}{user}"
+            c.disconnect()
+            return
+        c.subscribe([(topic, 1) for topic in topics])
+
+    def on_subscribe(c: Any, userdata: Any, mid: Any, codes: Any, props: Any = None) -> None:
+        # Announced only once the broker confirmed: from here on nothing published is missed.
+        failed = [str(code) for code in codes if getattr(code, "is_failure", False)]
+        if failed:
+            outcome["error"] = f"broker {settings.url} refused the subscription: {failed}"
+            c.disconnect()
+            return
+        print(f"listening on {settings.url}: {', '.join(topics)}", file=sys.stderr, flush=True)
+
+    def on_disconnect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure and not outcome["done"] and outcome["error"] is None:
+            print(f"listen: connection lost ({rc}); reconnecting", file=sys.stderr, flush=True)
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        line = printer.handle(msg.topic, msg.payload)
+        if line is not None:
+            print(line, flush=True)
+        if args.count is not None and printer.predictions >= args.count:
+            outcome["done"] = True
+            c.disconnect()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    try:
+        client.connect(settings.host, settings.port, keepalive=30)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot reach MQTT broker at {settings.url}: {exc}") from None
+
+    timer = None
+    if args.timeout is not None:
+
+        def expire() -> None:
+            outcome["timed_out"] = True
+            client.disconnect()
+
+        timer = threading.Timer(args.timeout, expire)
+        timer.daemon = True
+        timer.start()
+    try:
+        client.loop_forever(retry_first_connection=False)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if outcome["error"]:
+        raise UsageError(outcome["error"])
+    if outcome.get("timed_out") and args.count is not None and not outcome["done"]:
+        print(
+            f"listen: {printer.predictions} of {args.count} predictions within {args.timeout} s",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
