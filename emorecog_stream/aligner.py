@@ -173,6 +173,35 @@ class Aligner:
         self._buffers[role] = buf
         return buf
 
+    @property
+    def expected(self) -> tuple[Role, ...]:
+        """The streams a step waits for (the deadline applies to these)."""
+        return self._expected
+
+    def set_expected(self, roles: tuple[Role, ...] | list[Role]) -> None:
+        """Change which streams steps wait for, e.g. stop waiting for a stream found stalled.
+
+        Steps emitted while a stream is not waited for can differ from :func:`align_session`.
+        """
+        roles = tuple(Role(r) for r in roles)
+        for role in roles:
+            if role not in (Role.PPG, Role.RESP, Role.RATES):
+                raise ValueError(f"expected roles must be among ppg, resp, rates; got {role.value}")
+            self._buffer(role)  # raises when a sampling rate is still unknown
+        self._expected = roles
+
+    def set_srate(self, role: Role, fs: float) -> None:
+        """Give a physiology stream's sampling rate once it is known (before its first push)."""
+        role = Role(role)
+        if role not in (Role.PPG, Role.RESP):
+            raise ValueError(f"only ppg and resp have a sampling rate, got {role.value}")
+        key = f"{role.value}_srate"
+        if getattr(self.config, key) == fs:
+            return
+        if role in self._buffers:
+            raise ValueError(f"{role.value}: sampling rate already in use; cannot change it")
+        self.config = replace(self.config, **{key: float(fs)})
+
     def buffer(self, role: Role) -> RingBuffer | None:
         """The ring buffer of a physiology or rates stream (for display), if it exists."""
         return self._buffers.get(Role(role))

@@ -335,3 +335,22 @@ def test_corpus_session_aligns_with_rates_close_to_the_generator_truth() -> None
               for s in late]  # fmt: skip
     assert np.mean(np.asarray(hr_err) <= 2.0) >= 0.95
     assert np.mean(np.asarray(rr_err) <= 1.0) >= 0.95
+
+
+def test_expected_streams_and_sampling_rates_can_be_set_while_running() -> None:
+    aligner = Aligner(AlignerConfig(expected=()))
+    assert aligner.expected == ()
+    with pytest.raises(ValueError, match="ppg_srate is not set"):
+        aligner.set_expected([Role.PPG])
+    aligner.set_srate(Role.PPG, 100.0)
+    aligner.set_expected([Role.PPG])
+    assert aligner.expected == (Role.PPG,) and aligner.config.ppg_srate == 100.0
+    with pytest.raises(ValueError, match="already in use"):
+        aligner.set_srate(Role.PPG, 200.0)
+    with pytest.raises(ValueError, match="sampling rate"):
+        aligner.set_srate(Role.RATES, 1.0)
+    aligner.push(Role.FMRI, np.ones((1, N_ROIS)), np.array([5.0]))
+    assert aligner.poll(5.5) == []  # waits for PPG
+    aligner.set_expected([])
+    (step,) = aligner.poll(5.5)  # a stalled stream is no longer waited for
+    assert not step.deadline_expired and not step.heart_rate_valid
