@@ -249,3 +249,21 @@ def test_upstream_size() -> None:
 def test_full_size_network_builds_with_the_published_parameter_count() -> None:
     net = KerasV1Net(UPSTREAM_SIZES)
     assert sum(p.numel() for p in net.parameters()) == 86_811_604
+
+
+def test_tf210_weight_paths_and_bytes_attributes(tmp_path: Path) -> None:
+    """TensorFlow 2.10 names the second GRU's weights ``gru_1/gru_cell_1/...`` and older h5py
+    writers store the name lists as fixed-length bytes: neither may matter."""
+    path = copy_fixture(tmp_path, "k2_full.h5")
+    with h5py.File(path, "r+") as h5:
+        mw = h5["model_weights"]
+        mw["gru_1/gru_1"].move("gru_cell", "gru_cell_1")
+        names = [n.replace("gru_cell", "gru_cell_1") for n in mw["gru_1"].attrs["weight_names"]]
+        mw["gru_1"].attrs["weight_names"] = np.array([n.encode() for n in names], dtype="S")
+        layer_names = [str(n) for n in mw.attrs["layer_names"]]
+        mw.attrs["layer_names"] = np.array([n.encode() for n in layer_names], dtype="S")
+        h5.attrs["model_config"] = np.bytes_(h5.attrs["model_config"].encode())
+    ref = reference("k2")
+    class_p, level_p = load_keras_v1(path).predict(ref["mri"], ref["rates"])
+    np.testing.assert_allclose(class_p, ref["class_probs"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(level_p, ref["level_probs"], atol=TOL, rtol=0)
