@@ -4,8 +4,9 @@ Brokers
 -------
 ``mqtt_broker`` (fixture) -> a started :class:`MosquittoBroker` on 127.0.0.1 and a free port,
 anonymous, no persistence. Where no ``mosquitto`` binary is found (``/usr/sbin/mosquitto`` or
-on PATH) it is an :class:`EmbeddedTestBroker` (amqtt in a background thread) instead, and a
-warning says so. Both have the same API::
+on PATH), or ``EMORECOG_TEST_BROKER=amqtt`` is set, it is an :class:`EmbeddedTestBroker` (amqtt
+in a background thread) instead, and a warning says so; tests that need Mosquitto-only features
+(passwords, TLS, persistence) are then skipped with that reason. Both have the same API::
 
     broker.url            # "mqtt://127.0.0.1:PORT" (mqtts:// for TLS)
     broker.host, broker.port, broker.kind   # kind: "mosquitto" | "amqtt"
@@ -62,7 +63,10 @@ PERSIST_SETTLE_S = 1.5
 
 
 def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary, or None."""
+    """Path of the mosquitto binary, or None (also None when ``EMORECOG_TEST_BROKER=amqtt``,
+    which runs the broker tests on the embedded fallback even where Mosquitto is installed)."""
+    if os.environ.get("EMORECOG_TEST_BROKER", "").lower() == "amqtt":
+        return None
     found = shutil.which("mosquitto")
     if found:
         return found
@@ -450,9 +454,10 @@ class MqttCollector:
 def _make_broker(workdir: Path, **options: Any) -> Any:
     if find_mosquitto() is None:
         if options.get("username") or options.get("tls") or options.get("persistence"):
-            pytest.skip(f"mosquitto is not installed (needed for {sorted(options)})")
+            pytest.skip(f"needs Mosquitto ({sorted(options)}); it is not installed or not selected")
         warnings.warn(
-            "mosquitto is not installed: using the embedded amqtt broker instead",
+            "mosquitto not found (or EMORECOG_TEST_BROKER=amqtt): using the embedded amqtt"
+            " broker instead",
             stacklevel=2,
         )
         return EmbeddedTestBroker(port=options.get("port"))
