@@ -242,12 +242,7 @@ class PeakRateTracker:
             dt = None
             contiguous = True
         first_ok = last == -math.inf or ts[0] - last <= gap
-        # a sum is finite exactly when no sample is NaN/Inf (barring overflow, which only
-        # sends us down the slow path, which checks sample by sample)
-        if contiguous and math.isfinite(x.sum()):
-            if not first_ok:
-                self._break(gap=True)
-            self._run(ts, x)
+        if contiguous and self._try_run(ts, x, gap_before=not first_ok):
             return
         # Slow path: split at non-finite samples and gaps.
         finite = np.isfinite(x)
@@ -285,18 +280,45 @@ class PeakRateTracker:
         self._in_lobe = False
         self._lobe_max = -math.inf
 
-    def _run(self, ts: np.ndarray, x: np.ndarray) -> None:
-        """Filter and scan one contiguous run of good samples."""
-        if self._zi is None:
-            self._zi = self._zi_unit * x[0]
-            self._spans.append([float(ts[0]), float(ts[0])])
+    def _filter(self, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if _FILTER_KERNEL is not None:
-            y = _FILTER_KERNEL(self._sos, x, self._zi)
-        else:  # pragma: no cover - scipy without the private kernel
-            y, self._zi = sosfilt(self._sos, x, zi=self._zi)
-        self._spans[-1][1] = float(ts[-1])
-        self._last_t = float(ts[-1])
-        self.samples += x.shape[0]
+            return _FILTER_KERNEL(self._sos, x, zi), zi  # zi updated in place
+        y, zi = sosfilt(self._sos, x, zi=zi)  # pragma: no cover - scipy without the kernel
+        return y, zi  # pragma: no cover
+
+    def _try_run(self, ts: np.ndarray, x: np.ndarray, gap_before: bool) -> bool:
+        """Filter a contiguous run; False, with no state changed, if a sample is not finite.
+
+        Why filter first: a NaN/Inf sample makes the filter state non-finite for good (IIR), so
+        checking the four state values afterwards replaces a pass over the samples.
+        """
+        restart = gap_before or self._zi is None
+        zi = self._zi_unit * x[0] if restart else self._zi.copy()
+        y, zi = self._filter(x, zi)
+        if not math.isfinite(zi.sum()):
+            return False
+        if gap_before:
+            self._break(gap=True)
+        self._scan(ts, y, zi, restart)
+        return True
+
+    def _run(self, ts: np.ndarray, x: np.ndarray) -> None:
+        """Filter and scan one contiguous run of samples known to be finite."""
+        restart = self._zi is None
+        zi = self._zi_unit * x[0] if restart else self._zi
+        y, zi = self._filter(x, zi)
+        self._scan(ts, y, zi, restart)
+
+    def _scan(self, ts: np.ndarray, y: np.ndarray, zi: np.ndarray, restart: bool) -> None:
+        """Record a filtered run and find the lobes (peaks) in it."""
+        self._zi = zi
+        t_end = float(ts[-1])
+        if restart:
+            self._spans.append([float(ts[0]), t_end])
+        else:
+            self._spans[-1][1] = t_end
+        self._last_t = t_end
+        self.samples += y.shape[0]
         pos = y > 0.0
         n = y.shape[0]
         change = (pos[1:] != pos[:-1]).nonzero()[0]
