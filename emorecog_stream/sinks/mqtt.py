@@ -44,7 +44,6 @@ import random
 import ssl
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -284,7 +283,7 @@ class MqttStats:
     unsent_at_close: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two equal status payloads are still two messages
 class _Outgoing:
     kind: str  # prediction | physio | status
     topic: str
@@ -335,12 +334,10 @@ class MqttPublisher:
         self._last_error_utc: str | None = None
         self._unsent_at_close = 0
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._connected_event: asyncio.Event | None = None
         self._closing: asyncio.Event | None = None
         self._failure: asyncio.Future[str] | None = None
-        self._listeners: list[Callable[[MqttStats], None]] = []
 
     # ----------------------------------------------------------------- public API
 
@@ -369,7 +366,6 @@ class MqttPublisher:
         if self._task is not None:
             return
         logging.getLogger("asyncio").addFilter(_STALE_SOCKET_FILTER)  # idempotent
-        self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
         self._connected_event = asyncio.Event()
@@ -449,8 +445,6 @@ class MqttPublisher:
         )
         delivered = await self.flush(timeout)
         self._closing.set()
-        if self._wake is not None:
-            self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=max(1.0, timeout))
         except (asyncio.TimeoutError, Exception):
@@ -670,7 +664,7 @@ class MqttPublisher:
         import aiomqtt
         from aiomqtt.exceptions import MqttConnectError
 
-        assert self._closing is not None and self._wake is not None
+        assert self._closing is not None
         protocol: str | None = None if self.settings.protocol == "auto" else self.settings.protocol
         attempt = 0
         while not self._closing.is_set():
