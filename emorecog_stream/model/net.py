@@ -50,6 +50,7 @@ class NetConfig:
     physio_hidden: int = 16
     fusion_hidden: int = 64
     dropout: float = 0.2
+    input_dropout: float = 0.0  # training only: whole ROIs dropped for a whole sequence
     physio_clip: float = 5.0  # z-scored rates are clipped to +-this (one wild value stays bounded)
     intensity_scale: float = 4.0
     roi_window: float = 60.0  # running ROI baseline time constant, volumes (features.py)
@@ -58,9 +59,9 @@ class NetConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "dropout":
+            if f.name in ("dropout", "input_dropout"):
                 if not 0.0 <= value < 1.0:
-                    raise ValueError(f"NetConfig.dropout: expected 0 <= p < 1, got {value}")
+                    raise ValueError(f"NetConfig.{f.name}: expected 0 <= p < 1, got {value}")
             elif not value > 0:
                 raise ValueError(f"NetConfig.{f.name}: expected a positive value, got {value}")
 
@@ -100,6 +101,7 @@ class EmoRecogNet(nn.Module):
         self.category_head = nn.Linear(config.fusion_hidden, 3)
         self.intensity_head = nn.Linear(config.fusion_hidden, 1)
         self.dropout = nn.Dropout(config.dropout)
+        self.input_dropout = nn.Dropout1d(config.input_dropout)
         # Learned stand-ins for a missing rate: z of HR, RR, then of their deviations.
         self.physio_fill = nn.Parameter(torch.zeros(4))
         # Normalisation statistics (set from the training data; identity until then).
@@ -150,6 +152,9 @@ class EmoRecogNet(nn.Module):
         # Zero padding before the session is in deviation units (no change from the baseline).
         k = self.config.temporal_kernel
         padded = (F.pad(roi_dev, (0, 0, k - 1, 0)) - self.roi_mean) / self.roi_std  # (B, T+k-1, R)
+        if self.training and self.config.input_dropout > 0:
+            # Dropout1d zeroes whole channels (ROIs) over time, scaling the rest up
+            padded = self.input_dropout(padded.transpose(1, 2)).transpose(1, 2)
         spatial = F.leaky_relu(self.spatial(padded[:, k - 1 :]), slope)
         temporal = F.leaky_relu(self.temporal(padded.transpose(1, 2)), slope).transpose(1, 2)
         features = self.dropout(torch.cat([spatial, temporal], dim=-1))
