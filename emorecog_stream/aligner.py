@@ -229,6 +229,20 @@ class Aligner:
         end = buf._end  # newest timestamp, read directly: this is the hot path
         if end > buf._start:
             self._latest[role] = buf._ts[end - 1]
+            if end - buf._read > buf.capacity * 3 // 4:
+                self._make_room(role, buf)
+
+    def _make_room(self, role: Role, buf: RingBuffer) -> None:
+        """Physiology piles up unconsumed (fMRI lags or stopped): process it before the buffer
+        overwrites it, up to the oldest waiting volume or, with none, up to ``deadline_s``
+        before the newest sample. (A volume arriving later than that for an older time gets
+        a rate from slightly more data than :func:`align_session` would use.)"""
+        newest = float(buf._ts[buf._end - 1])
+        horizon = self._pend_t[0] if self._pend_t else newest - self._deadline
+        tracker = self._trackers.get(role)
+        data, ts = buf.consume(horizon)
+        if tracker is not None and ts.shape[0]:
+            tracker.feed(ts, data[:, 0])
 
     def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
         x = np.array(data, dtype=np.float32)  # a copy: the caller may reuse its array
@@ -336,8 +350,11 @@ class Aligner:
         rr = self._estimate(Role.RESP, t, notes)
         hr_v, hr_q, hr_src = _unpack(hr, "ppg", notes)
         rr_v, rr_q, rr_src = _unpack(rr, "resp", notes)
-        if Role.RATES in self._buffers and (hr_v != hr_v or rr_v != rr_v):
-            got = self._buffers[Role.RATES].value_at(t)
+        rates = self._buffers.get(Role.RATES)
+        if rates is not None:
+            rates.consume(t)  # used: later samples for before t are late
+        if rates is not None and (hr_v != hr_v or rr_v != rr_v):
+            got = rates.value_at(t)
             if got is None:
                 notes.append("rates: none at or before the volume")
             elif t - got[1] > self.config.rates_max_age_s:

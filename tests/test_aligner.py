@@ -354,3 +354,24 @@ def test_expected_streams_and_sampling_rates_can_be_set_while_running() -> None:
     aligner.set_expected([])
     (step,) = aligner.poll(5.5)  # a stalled stream is no longer waited for
     assert not step.deadline_expired and not step.heart_rate_valid
+
+
+def test_physiology_without_volumes_is_processed_before_it_would_be_overwritten() -> None:
+    cfg = AlignerConfig(ppg_srate=50.0, resp_srate=10.0, buffer_s=10.0)
+    aligner = Aligner(cfg)
+    t = np.arange(0, 60, 1 / 50.0)
+    ppg = np.sin(2 * np.pi * 1.1 * t)
+    for i in range(0, t.size, 25):  # a minute of PPG, no fMRI
+        aligner.push(Role.PPG, ppg[i : i + 25], t[i : i + 25])
+    stats = aligner.stats().streams["ppg"]
+    assert stats.overflow == 0 and stats.samples == t.size
+    aligner.push(Role.FMRI, np.ones((1, N_ROIS)), np.array([59.9]))
+    (step,) = aligner.flush()
+    assert step.heart_rate == pytest.approx(66.0, abs=0.5)
+    # rates are consumed as they are used, so an unused backlog is not reported as overflow
+    rates = Aligner(AlignerConfig(expected=(Role.RATES,)))
+    for k in range(5000):
+        rates.push(Role.RATES, np.array([[70.0, 14.0]]), np.array([float(k)]))
+        rates.push(Role.FMRI, np.ones((1, N_ROIS)), np.array([k - 0.5]))
+        assert len(rates.poll(float(k))) == 1
+    assert rates.stats().streams["rates"].overflow == 0
