@@ -25,7 +25,8 @@ Processing flags per stream kind (see :func:`default_processing_flags`):
   first post-gap sample is pulled (post-processing happens at pull time).
 
 States: ``connecting`` (looking for the stream) -> ``connected`` -> ``stalled`` (no sample for
-``stall_timeout`` s) -> ``lost`` (also no longer visible on the network) -> ``connected`` again
+``stall_timeout`` s after data had flowed; a stream silent since it was found stays
+``connected``) -> ``lost`` (also no longer visible on the network) -> ``connected`` again
 when data flows (liblsl reconnects to an outlet with the same ``source_id``; streams without a
 source_id are re-resolved by the spec). ``error`` means the stream found does not match the
 spec (it keeps looking in background mode). ``closed`` after :meth:`AsyncInlet.close`.
@@ -242,7 +243,7 @@ def _resolve(predicate: str, timeout: float) -> list[pylsl.StreamInfo]:
     return list(pylsl.resolve_bypred(predicate, 1, max(timeout, 0.0)))
 
 
-def visible_streams(wait_time: float = 0.3) -> list[pylsl.StreamInfo]:
+def visible_streams(wait_time: float = 1.0) -> list[pylsl.StreamInfo]:
     """All streams the resolver sees within ``wait_time`` seconds."""
     return list(pylsl.resolve_streams(wait_time))
 
@@ -277,7 +278,7 @@ def check_info(spec: InletSpec, info: pylsl.StreamInfo) -> None:
             )
 
 
-def resolve_one(spec: InletSpec, timeout: float, list_wait: float = 0.3) -> pylsl.StreamInfo:
+def resolve_one(spec: InletSpec, timeout: float, list_wait: float = 1.0) -> pylsl.StreamInfo:
     """Find the one stream matching ``spec`` within ``timeout`` seconds and check it.
 
     Raises :class:`StreamNotFoundError` (listing the visible streams),
@@ -346,6 +347,7 @@ class AsyncInlet:
         self._max_chunk = max_chunk
         self._rate_window = rate_window
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -355,6 +357,7 @@ class AsyncInlet:
         self._info: pylsl.StreamInfo | None = None
         self._metadata: StreamMetadata | None = None
         self._connected: asyncio.Future[StreamMetadata] | None = None
+        self._inlet: pylsl.StreamInlet | None = None  # owned by the reader thread
         self._open_deadline: float | None = None  # set by open(): fail instead of waiting
 
     # -- public API ----------------------------------------------------------------------
@@ -383,6 +386,7 @@ class AsyncInlet:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.queue  # noqa: B018 - create the queue on this loop
         self._connected = self._loop.create_future()
         self._thread = threading.Thread(
@@ -463,6 +467,9 @@ class AsyncInlet:
     def _emit(self, item: Any) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:  # keep order with close()'s sentinel
+            self.queue.put_nowait(item)
             return
         with contextlib.suppress(RuntimeError):  # loop closed between the check and the call
             loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -573,20 +580,21 @@ class AsyncInlet:
         assert self._metadata is not None
         self._set_state(StreamState.CONNECTED, "connected to " + describe_info(inlet.info(1.0)))
         self._resolve_future(self._metadata)
+        self._inlet = inlet
+        del inlet  # self._inlet is the only reference: replacing it destroys the old inlet
         try:
-            self._read(inlet)
+            self._read()
         finally:
             with contextlib.suppress(Exception):
-                inlet.close_stream()
-            del inlet
+                if self._inlet is not None:
+                    self._inlet.close_stream()
+            self._inlet = None
 
-    def _read(self, inlet: pylsl.StreamInlet) -> None:
+    def _read(self) -> None:
+        inlet = self._inlet
         info = self._info
-        assert info is not None
-        is_string = info.channel_format() == pylsl.cf_string
-        n_ch = info.channel_count()
-        dtype = _NP_DTYPE.get(info.channel_format(), np.float64)
-        buf = None if is_string else np.empty((self._max_chunk, n_ch), dtype=dtype)
+        assert inlet is not None and info is not None
+        is_string, buf = self._buffer_for(inlet)
         stall_timeout = self.spec.effective_stall_timeout(info.nominal_srate())
         window = (
             max(self._rate_window, 3.0 / info.nominal_srate())
@@ -619,12 +627,13 @@ class AsyncInlet:
             except pylsl.LostError:
                 # not recoverable by liblsl (no source_id): re-resolve by the spec
                 self._set_state(StreamState.LOST, "stream lost (not recoverable by source_id)")
-                del inlet
+                self._inlet = inlet = None
                 self._open_deadline = None
                 new = self._connect()
                 if new is None:
                     return
-                inlet = new
+                self._inlet = inlet = new
+                is_string, buf = self._buffer_for(inlet)
                 last_data = pylsl.local_clock()
                 continue
             now = pylsl.local_clock()
@@ -644,9 +653,9 @@ class AsyncInlet:
                     recovered = self._state in (StreamState.STALLED, StreamState.LOST)
                     if recovered:
                         s.recoveries += 1
-                self._emit(chunk)
                 if recovered or self._state is not StreamState.CONNECTED:
                     self._set_state(StreamState.CONNECTED, "data flowing again")
+                self._emit(chunk)
                 last_data = now
                 dejitter_fresh = False
                 resolver = None
@@ -662,7 +671,11 @@ class AsyncInlet:
                 # a pause: start a fresh dejitter regression before the first post-gap sample
                 self._reset_dejitter(inlet)
                 dejitter_fresh = True
-            if self._state is StreamState.CONNECTED and idle > stall_timeout:
+            if (
+                self._state is StreamState.CONNECTED
+                and idle > stall_timeout
+                and self._stats.samples > 0  # silent since connecting: waiting, not stalled
+            ):
                 with self._lock:
                     self._stats.stalls += 1
                     self._stats.window.clear()
@@ -672,15 +685,47 @@ class AsyncInlet:
                 )
                 resolver_since = now
             elif resolver is not None and now - resolver_since > self.spec.lost_after:
-                visible = bool(resolver.results())
-                if not visible and self._state is StreamState.STALLED:
+                results = resolver.results()
+                current = self._metadata.uid if self._metadata else ""
+                fresh = [r for r in results if r.uid() != current]
+                if fresh:
+                    # a restarted outlet (new uid): connect to it now rather than waiting for
+                    # liblsl's own recovery, which retries only every ~2 s and meanwhile loses
+                    # whatever the new outlet pushes
+                    replacement = self._switch_inlet(fresh[0])
+                    if replacement is not None:
+                        self._inlet = inlet = replacement
+                        is_string, buf = self._buffer_for(inlet)
+                    resolver_since = now
+                elif not results and self._state is StreamState.STALLED:
                     self._set_state(
                         StreamState.LOST, f"stream no longer visible; no sample for {idle:.1f} s"
                     )
-                elif visible and self._state is StreamState.LOST:
+                elif results and self._state is StreamState.LOST:
                     self._set_state(
                         StreamState.STALLED, f"visible again, no sample for {idle:.1f} s"
                     )
+
+    def _switch_inlet(self, info: pylsl.StreamInfo) -> pylsl.StreamInlet | None:
+        """Open an inlet on a restarted outlet (checked against the spec first)."""
+        try:
+            check_info(self.spec, info)
+            inlet = self._make_inlet(info)
+        except StreamMismatchError as exc:
+            self._set_state(StreamState.ERROR, str(exc))
+            return None
+        except Exception:  # it vanished again while connecting: keep waiting
+            return None
+        self._set_state(StreamState.STALLED, "reconnected to a restarted outlet, waiting for data")
+        return inlet
+
+    def _buffer_for(self, inlet: pylsl.StreamInlet) -> tuple[bool, np.ndarray | None]:
+        info = self._info
+        assert info is not None
+        if info.channel_format() == pylsl.cf_string:
+            return True, None
+        dtype = _NP_DTYPE.get(info.channel_format(), np.float64)
+        return False, np.empty((self._max_chunk, info.channel_count()), dtype=dtype)
 
     def _presence_predicate(self) -> str:
         info = self._info
