@@ -139,6 +139,7 @@ def _make_filter_kernel() -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.n
 _FILTER_KERNEL = _make_filter_kernel()
 
 _EMA_ALPHA = 0.25  # weight of a new accepted peak height in the running mean height
+_EMA_REJECTED = 0.05  # ... and of a rejected (too small) lobe
 _KEEP_PEAKS_S = 5.0  # keep peaks this much longer than the window, then prune
 
 
@@ -361,6 +362,9 @@ class PeakRateTracker:
         """A complete lobe: gate it against recent heights, apply the refractory period."""
         ref = self._ref_height
         if ref == ref and height < self.method.gate * ref:  # ref == ref: not NaN
+            # rejected, but let the reference sink slowly towards it, so a lasting drop in
+            # amplitude (sensor moved, gain changed) is followed after a few beats
+            self._ref_height = ref + _EMA_REJECTED * (height - ref)
             return
         self._ref_height = height if ref != ref else ref + _EMA_ALPHA * (height - ref)
         if (

@@ -279,3 +279,20 @@ def test_heart_and_respiration_rate_on_the_synthetic_corpus_match_its_ground_tru
     hr_err, rr_err = np.asarray(hr_err), np.asarray(rr_err)
     assert np.mean(hr_err <= 2.0) >= 0.95, np.sort(hr_err)[-5:]
     assert np.mean(rr_err <= 1.0) >= 0.95, np.sort(rr_err)[-5:]
+
+
+def test_a_lasting_drop_in_amplitude_is_followed() -> None:
+    fs = 100.0
+    t = np.arange(int(90 * fs)) / fs
+    x = np.sin(2 * np.pi * 1.2 * t)
+    x[t >= 30] *= 0.1  # the sensor slips: a tenth of the amplitude from 30 s on
+    x[: int(0.5 * fs)] += np.linspace(0, 20, int(0.5 * fs))  # and a big artefact at the start
+    tracker = HeartRateTracker(fs)
+    rates = []
+    for k in range(0, t.size, 100):
+        tracker.update(t[k : k + 100], x[k : k + 100])
+        rates.append((t[min(k + 99, t.size - 1)], tracker.rate(t[min(k + 99, t.size - 1)])))
+    late = [r for when, r in rates if when > 55]
+    assert all(r == pytest.approx(72.0, abs=0.5) for r in late)
+    early = [r for when, r in rates if 20 < when < 30]
+    assert all(r == pytest.approx(72.0, abs=0.5) for r in early)
