@@ -190,6 +190,7 @@ class Engine:
             self.session.set_nominal_tr(self.time_scale / nominal_rate)
         if role in (Role.PPG, Role.RESP) and nominal_rate > 0:
             self.aligner.set_srate(role, nominal_rate / self.time_scale)
+            self._set_waiting()
 
     def stream_absent(self, role: Role, reason: str) -> None:
         """A configured stream is not available (not found at start, or lost for good)."""
@@ -365,8 +366,8 @@ class Engine:
         if status != self.status:
             if status.stalled != self.status.stalled:
                 # do not wait for streams that are not delivering
-                waiting = [r for r in self.physio_roles if r not in status.stalled]
-                self.aligner.set_expected(waiting)
+                self.status = status
+                self._set_waiting()
             self.status = status
             self.telemetry.set_status(status.state, status.reason)
             if status.state != "online" or status.reason:
@@ -376,6 +377,16 @@ class Engine:
                     output.on_status(status)
                 except Exception:
                     log.exception("output %r failed on a status change", output)
+
+    def _set_waiting(self) -> None:
+        """The aligner waits for every physiology stream whose rate is known and that is not
+        stalled; the others' rates are simply missing (never a reason to hold a step back)."""
+        waiting = [
+            r
+            for r in self.physio_roles
+            if r not in self.status.stalled and self.aligner.can_expect(r)
+        ]
+        self.aligner.set_expected(waiting)
 
     def _reschedule(self) -> None:
         if self._loop is None or self._closed:
@@ -510,6 +521,14 @@ def make_aligner(config: Config) -> Any:
                 return
             self.config = replace(self.config, **{key: fs})
 
+        def can_expect(self, role: Role) -> bool:
+            """Whether the aligner can wait for ``role`` (its sampling rate is known)."""
+            if role is Role.PPG:
+                return self.config.ppg_srate is not None
+            if role is Role.RESP:
+                return self.config.resp_srate is not None
+            return True
+
         def set_expected(self, roles: Sequence[Role]) -> None:
             self._expected = tuple(roles)
 
@@ -517,14 +536,17 @@ def make_aligner(config: Config) -> Any:
         def expected(self) -> tuple[Role, ...]:
             return tuple(self._expected)
 
-    roles = tuple(r for r in config.streams.enabled_roles() if r in ROLE_RATES)
+    ppg_srate = config.streams.ppg.rate or None
+    resp_srate = config.streams.resp.rate or None
+    known = {Role.PPG: ppg_srate is not None, Role.RESP: resp_srate is not None, Role.RATES: True}
+    roles = tuple(r for r in config.streams.enabled_roles() if known.get(r, False))
     aligner_config = AlignerConfig(
         hr_window_s=config.aligner.hr_window,
         rr_window_s=config.aligner.rr_window,
         deadline_s=config.aligner.deadline,
         expected=roles,
-        ppg_srate=config.streams.ppg.rate or None,
-        resp_srate=config.streams.resp.rate or None,
+        ppg_srate=ppg_srate,
+        resp_srate=resp_srate,
     )
     return EngineAligner(aligner_config)
 

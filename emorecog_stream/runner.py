@@ -216,6 +216,9 @@ async def run_engine(
         engine_box.append(engine)
         for role, meta in metas.items():
             engine.register_stream(role, meta.name, meta.nominal_srate)
+        # physiology is optional: give it a moment to connect so the first steps wait for it
+        for role, meta in (await _wait_optional(group, physio, 2.0)).items():
+            engine.register_stream(role, meta.name, meta.nominal_srate)
         say(f"model {model.model_id}; session {session!r}; predictions on {settings.url}:")
         for line in listen_hints(settings.url, session, config.mqtt.topic_prefix):
             say(line)
@@ -238,6 +241,21 @@ async def run_engine(
             await engine.aclose()
         say(_summary(engine, publisher))
         return counters
+
+
+async def _wait_optional(group: Any, roles: list[Role], timeout: float) -> dict[Role, Any]:
+    """Metadata of the optional streams that connect within ``timeout`` s (start-up only)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    found: dict[Role, Any] = {}
+    while True:
+        for role in roles:
+            inlet = group.inlets.get(role)
+            if inlet is not None and inlet.metadata is not None:
+                found[role] = inlet.metadata
+        if len(found) == len(roles) or loop.time() >= end:
+            return found
+        await asyncio.sleep(0.05)
 
 
 async def _chunks(group: Any, engine: Engine) -> Any:

@@ -142,8 +142,11 @@ class StatusTracker:
         self.started_at = float(started_at)
         self.last_arrival: dict[Role, float] = {}
         self.absent: dict[Role, str] = {}  # roles known to be unavailable, with the reason
+        self.first_fmri: float | None = None
 
     def arrived(self, role: Role, now: float) -> None:
+        if role is Role.FMRI and self.first_fmri is None:
+            self.first_fmri = now
         self.last_arrival[role] = now
         self.absent.pop(role, None)
 
@@ -153,6 +156,7 @@ class StatusTracker:
     def stalled_roles(self, now: float) -> dict[Role, str]:
         """Physiology roles that are not delivering, each with the reason in words."""
         out: dict[Role, str] = {}
+        since = self._since()
         for role in self.physio_roles:
             label = ROLE_LABEL[role]
             if role in self.absent:
@@ -160,13 +164,18 @@ class StatusTracker:
                 continue
             last = self.last_arrival.get(role)
             if last is None:
-                if now - self.started_at > self.stall_timeout:
-                    out[role] = f"no {label} sample since the engine started"
+                if now - since > self.stall_timeout:
+                    out[role] = f"no {label} sample since the session started"
             elif now - last > self.stall_timeout:
                 out[role] = (
                     f"{label} stream stalled: no sample for more than {self.stall_timeout:g} s"
                 )
         return out
+
+    def _since(self) -> float:
+        """When a physiology stream that never delivered starts to count as missing: from the
+        first volume (the session start), or from the engine start while no volume came."""
+        return self.first_fmri if self.first_fmri is not None else self.started_at
 
     def status(self, now: float, tr: float | None) -> EngineStatus:
         last_fmri = self.last_arrival.get(Role.FMRI)
@@ -200,6 +209,6 @@ class StatusTracker:
             if role in self.absent:
                 continue
             last = self.last_arrival.get(role)
-            times.append((last if last is not None else self.started_at) + self.stall_timeout)
+            times.append((last if last is not None else self._since()) + self.stall_timeout)
         future = [t for t in times if t > now]
         return min(future) if future else None

@@ -130,6 +130,7 @@ async def _demo(
 
     from emorecog_stream.adapters.replay import Replayer, ReplayError
     from emorecog_stream.cli import UsageError
+    from emorecog_stream.streams import Role
 
     try:
         replayer = Replayer(sessions, speed=speed, tag=tag)
@@ -139,9 +140,10 @@ async def _demo(
     loop = asyncio.get_running_loop()
 
     def on_engine(engine: Any) -> None:
-        replayer.start(delay=0.2)
-
         def finished() -> None:
+            # start once the engine's inlets are connected, so no sample is missed
+            replayer.wait_for_consumers([Role.FMRI, Role.PPG, Role.RESP], timeout=5.0)
+            replayer.start(delay=0.2)
             replayer.join()
             # let the last volumes pass their deadline, then stop
             grace = (config.aligner.deadline + 0.5) / speed
