@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -117,6 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    load_before = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
 
     t0 = time.perf_counter()
     net = KerasV1Net(UPSTREAM_SIZES)
@@ -156,6 +158,8 @@ def main() -> int:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "build_s": round(build_s, 2),
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "forward": fwd,
         "step": step,
         "target_p99_ms": 150.0,

@@ -198,3 +198,11 @@ def test_load_model_delegates_to_keras_v1(tmp_path: Path) -> None:
     expected = load_keras_v1_model(FIXTURES / "k2_full.h5").model_id
     assert mod.load_model(f"keras-v1:{FIXTURES / 'k2_full.h5'}").model_id == expected
     assert mod.load_model(str(out)).model_id == expected
+
+
+def test_model_id_keeps_dotted_stems(tmp_path: Path) -> None:
+    path = tmp_path / "bestmodel.v2.h5"
+    path.write_bytes((FIXTURES / "k3_full.h5").read_bytes())
+    model_id = load_keras_v1_model(path).model_id
+    assert model_id.startswith("keras-v1:bestmodel.v2:") and len(model_id.split(":")[2]) == 8
+    assert load_keras_v1(FIXTURES / "k3.weights.h5").model_id.startswith("keras-v1:k3:")

@@ -119,7 +119,12 @@ class SourceInfo:
 
     @property
     def model_id(self) -> str:
-        return f"{CHECKPOINT_FORMAT}:{Path(self.file).name.split('.')[0]}:{self.sha256[:8]}"
+        name = Path(self.file).name
+        for suffix in (".weights.h5", ".h5", ".hdf5"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return f"{CHECKPOINT_FORMAT}:{name}:{self.sha256[:8]}"
 
 
 class KerasV1Model:
