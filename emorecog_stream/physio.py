@@ -75,6 +75,7 @@ class RateMethod:
     rate_range: tuple[float, float]  # plausible rates per minute; outside -> invalid
     gap_s: float  # a step between samples above max(gap_s, 3/fs) is a gap
     window_s: float  # default window for the streaming tracker
+    trim: tuple[float, float] | None = None  # keep intervals within these x the median
 
 
 HEART = RateMethod(
@@ -88,6 +89,9 @@ HEART = RateMethod(
     rate_range=(25.0, 220.0),
     gap_s=0.25,
     window_s=15.0,
+    # an extra peak (a notch or motion lobe) splits a beat into two short intervals, a missed
+    # peak makes one twice as long: both are dropped before averaging
+    trim=(0.7, 1.4),
 )
 
 RESPIRATION = RateMethod(
@@ -191,6 +195,7 @@ class PeakRateTracker:
         self._cum_n: list[int] = []
         self._cum_s: list[float] = []
         self._cum_s2: list[float] = []
+        self._ivl: list[float] = []  # interval ending at peak k (NaN: first of its segment)
         # Data segments [(start, end)] for coverage, most recent last.
         self._spans: list[list[float]] = []
         self.samples = 0  # good samples processed
@@ -387,9 +392,11 @@ class PeakRateTracker:
                 0.0,
             )
         )
+        d = math.nan
         if self._peak_t and self._peak_seg[-1] == self._segment:
             d = t - self._peak_t[-1]
             n0, s0, q0 = n0 + 1, s0 + d, q0 + d * d
+        self._ivl.append(d)
         self._peak_t.append(t)
         self._peak_h.append(height)
         self._peak_seg.append(self._segment)
@@ -403,12 +410,14 @@ class PeakRateTracker:
         for lst in (self._peak_t, self._peak_h, self._peak_seg, self._cum_n, self._cum_s):
             lst.pop()
         self._cum_s2.pop()
+        self._ivl.pop()
 
     def _prune(self, t: float) -> None:
         cut = bisect.bisect_left(self._peak_t, t - self.window_s - _KEEP_PEAKS_S)
         for lst in (self._peak_t, self._peak_h, self._peak_seg, self._cum_n, self._cum_s):
             del lst[:cut]
         del self._cum_s2[:cut]
+        del self._ivl[:cut]
         keep_from = t - self.window_s - _KEEP_PEAKS_S
         while len(self._spans) > 1 and self._spans[0][1] < keep_from:
             self._spans.pop(0)
@@ -441,14 +450,31 @@ class PeakRateTracker:
             return RateEstimate(
                 None, 0.0, f"{m.name}: {count} intervals in the window, need {m.min_intervals}"
             )
-        total = self._cum_s[i1] - self._cum_s[i0]
+        kept = 1.0
+        if m.trim is None:
+            total = self._cum_s[i1] - self._cum_s[i0]
+            squares = self._cum_s2[i1] - self._cum_s2[i0]
+        else:
+            # robust: drop intervals far from the median (split or missed beats), O(k log k)
+            srt = sorted(v for v in self._ivl[i0 + 1 : i1 + 1] if v == v)
+            h = count // 2
+            med = srt[h] if count % 2 else 0.5 * (srt[h - 1] + srt[h])
+            a = bisect.bisect_left(srt, med * m.trim[0])
+            b = bisect.bisect_right(srt, med * m.trim[1])
+            srt = srt[a:b]
+            kept = len(srt) / count
+            count = len(srt)
+            if count < m.min_intervals:
+                return RateEstimate(None, 0.0, f"{m.name}: too few regular intervals")
+            total = sum(srt)
+            squares = sum(v * v for v in srt)
         mean = total / count
         rate = 60.0 / mean
         if not m.rate_range[0] <= rate <= m.rate_range[1]:
             return RateEstimate(None, 0.0, f"{m.name}: implausible rate {rate:.1f}/min")
-        var = max(0.0, (self._cum_s2[i1] - self._cum_s2[i0]) / count - mean * mean)
+        var = max(0.0, squares / count - mean * mean)
         cv = math.sqrt(var) / mean
-        quality = max(0.0, 1.0 - cv / 0.5) * min(1.0, cover)
+        quality = max(0.0, 1.0 - cv / 0.5) * min(1.0, cover) * kept
         reason = "" if quality >= 0.5 else f"{m.name}: irregular intervals (cv {cv:.2f})"
         return RateEstimate(rate, quality, reason)
 

@@ -296,3 +296,33 @@ def test_a_lasting_drop_in_amplitude_is_followed() -> None:
     assert all(r == pytest.approx(72.0, abs=0.5) for r in late)
     early = [r for when, r in rates if 20 < when < 30]
     assert all(r == pytest.approx(72.0, abs=0.5) for r in early)
+
+
+def test_real_ppg_recordings_shipped_with_heartpy() -> None:
+    """Real finger PPG (heartpy's example recordings, ~100 Hz): 15 s windows against NeuroKit2
+    and heartpy. Skipped where heartpy is not installed (it is a test-time reference only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = pytest.importorskip("heartpy")
+    import os
+
+    folder = os.path.join(os.path.dirname(hp.__file__), "data")
+    # data.csv: 100 Hz, ~25 s
+    ppg = np.genfromtxt(os.path.join(folder, "data.csv"), delimiter=",")[:1500]
+    ours = heart_rate(ppg, 100.0)
+    assert ours == pytest.approx(_nk_heart_rate(ppg, 100.0), abs=2.0)
+    # data3.csv: ~11 min with datetimes, ~100.4 Hz
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = np.asarray(hp.get_data(os.path.join(folder, "data3.csv"), column_name="hr"), float)
+        stamps = hp.get_data(os.path.join(folder, "data3.csv"), column_name="datetime")
+        fs = hp.get_samplerate_datetime(stamps, timeformat="%Y-%m-%d %H:%M:%S.%f")
+        width = int(15 * fs)
+        errors = []
+        for start in range(0, x.size - width, width):
+            window = x[start : start + width]
+            got = heart_rate(window, fs)
+            errors.append(abs(got - _nk_heart_rate(window, fs)) if got else math.inf)
+    errors = np.asarray(errors)
+    assert errors.size >= 40
+    assert np.mean(errors <= 2.0) >= 0.9, np.sort(errors)[-6:]
