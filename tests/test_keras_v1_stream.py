@@ -206,3 +206,17 @@ def test_model_id_keeps_dotted_stems(tmp_path: Path) -> None:
     model_id = load_keras_v1_model(path).model_id
     assert model_id.startswith("keras-v1:bestmodel.v2:") and len(model_id.split(":")[2]) == 8
     assert load_keras_v1(FIXTURES / "k3.weights.h5").model_id.startswith("keras-v1:k3:")
+
+
+def test_load_errors_are_short_and_name_the_file(tmp_path: Path) -> None:
+    text_h5 = tmp_path / "bestmodel_02815.h5"
+    text_h5.write_text("not a model")
+    with pytest.raises(KerasV1Error, match=r"bestmodel_02815\.h5: not an HDF5 file"):
+        load_keras_v1_model(text_h5)
+    junk_pt = tmp_path / "v1.pt"
+    junk_pt.write_bytes(b"\x00\x01junk")
+    with pytest.raises(
+        KerasV1Error, match=r"v1\.pt: neither a Keras HDF5 file nor a converted"
+    ) as e:
+        load_keras_v1_model(junk_pt)
+    assert "\n" not in str(e.value)

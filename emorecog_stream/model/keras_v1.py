@@ -279,13 +279,15 @@ def load_keras_v1_model(path: str | Path, **kwargs: Any) -> KerasV1StreamingMode
     p = Path(path)
     if not p.is_file():
         raise KerasV1Error(f"{p}: no such file")
-    if h5py.is_hdf5(p):
-        return KerasV1StreamingModel(load_keras_v1(p), **kwargs)
+    if h5py.is_hdf5(p) or p.name.lower().endswith((".h5", ".hdf5")):
+        return KerasV1StreamingModel(load_keras_v1(p), **kwargs)  # says "not an HDF5 file"
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
         raise KerasV1Error(
-            f"{p}: neither an HDF5 Keras file nor a PyTorch checkpoint ({exc})"
+            f"{p}: neither a Keras HDF5 file nor a converted PyTorch checkpoint ({first_line})"
         ) from None
     return KerasV1StreamingModel(_model_from_checkpoint(ckpt, p), **kwargs)
 
