@@ -1,0 +1,126 @@
+"""`run` and `demo` on the command line: user mistakes are clear errors before anything starts."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pylsl
+import pytest
+
+from emorecog_stream.cli import main
+
+
+def test_help_lists_every_flag(capsys) -> None:
+    for command, flags in {
+        "run": [
+            "--mqtt",
+            "--session",
+            "--model",
+            "--log",
+            "--duration",
+            "--no-dashboard",
+            "--config",
+        ],
+        "demo": ["--speed", "--duration", "--no-dashboard"],
+    }.items():
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert flag in text, (command, flag)
+
+
+def test_wrong_config_key_is_an_error_before_anything_starts(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "lab.toml"
+    config.write_text('[mqtt]\nurl = "mqtt://127.0.0.1:1"\ntopic_prefx = "x"\n')
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'topic_prefx' in [mqtt]" in err and "topic_prefix" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--session", "a/b"], "[session] id"),
+        (["run", "--mqtt", "http://x"], "expected mqtt://host[:port]"),
+        (["run", "--duration", "-1"], "duration: expected a number >= 0, found -1"),
+        (["demo", "--speed", "0"], "--speed must be > 0"),
+    ],
+)
+def test_bad_flags(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def _config(tmp_path: Path, name: str, **extra: str) -> Path:
+    lines = [
+        "[engine]\nresolve_timeout = 1.0\n",
+        f'[streams.fmri]\nname = "{name}"\nsource_id = ""\n',
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n',
+        "[output]\ndashboard = false\n",
+    ]
+    lines += [f"{k} = {v}\n" for k, v in extra.items()]
+    path = tmp_path / "run.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.mark.slow
+def test_fmri_stream_with_wrong_channel_count(tmp_path: Path, capsys) -> None:
+    name = f"wrong-{uuid.uuid4().hex[:8]}"
+    info = pylsl.StreamInfo(name, "fMRI", 100, 1.0, pylsl.cf_float32, name)
+    outlet = pylsl.StreamOutlet(info)
+    model = tmp_path / "model.pt"
+    _save_untrained(model)
+    rc = main(["run", "--config", str(_config(tmp_path, name)), "--model", str(model)])
+    del outlet
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"fmri stream '{name}'" in err and "expected 246 channels, found 100" in err
+
+
+@pytest.mark.slow
+def test_missing_fmri_stream_lists_what_is_visible(tmp_path: Path, capsys) -> None:
+    visible = f"other-{uuid.uuid4().hex[:8]}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(visible, "EEG", 2, 100.0))
+    model = tmp_path / "model.pt"
+    _save_untrained(model)
+    missing = f"absent-{uuid.uuid4().hex[:8]}"
+    rc = main(["run", "--config", str(_config(tmp_path, missing)), "--model", str(model)])
+    del outlet
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert missing in err and visible in err  # the error lists the streams that are there
+
+
+def test_missing_model_and_unwritable_log(tmp_path: Path, capsys) -> None:
+    config = _config(tmp_path, "nothing")
+    assert main(["run", "--config", str(config), "--model", str(tmp_path / "no.pt")]) == 2
+    assert "no.pt" in capsys.readouterr().err
+    model = tmp_path / "model.pt"
+    _save_untrained(model)
+    rc = main(["run", "--config", str(config), "--model", str(model), "--log", str(tmp_path)])
+    assert rc == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_demo_with_a_broken_session_file(tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken.xdf"
+    broken.write_bytes(b"XDF:\x01\x02 not really")
+    assert main(["demo", "--session-file", str(broken), "--no-dashboard"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot replay" in err and "broken.xdf" in err
+    assert "Traceback" not in err
+
+
+def _save_untrained(path: Path) -> None:
+    import torch
+
+    from emorecog_stream.model.checkpoint import save_checkpoint
+    from emorecog_stream.model.net import EmoRecogNet, NetConfig
+
+    torch.manual_seed(0)
+    save_checkpoint(EmoRecogNet(NetConfig()), path)
