@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import pylsl
 from pylsl.lib import lib as _liblsl
+from pylsl.util import LostError as _LostError
+from pylsl.util import TimeoutError as _TimeoutError
 
 from emorecog_stream.adapters.lsl_info import (
     StreamMetadata,
@@ -610,23 +612,20 @@ class AsyncInlet:
         next_offset_query = last_data + 2.0
         while not self._stop.is_set():
             try:
-                if is_string:
-                    samples, ts = inlet.pull_chunk(self._pull_timeout, 1)
-                    if ts:
-                        more, ts2 = inlet.pull_chunk(0.0, self._max_chunk - 1)
-                        samples = list(samples) + list(more)
-                        ts = list(ts) + list(ts2)
-                    data: np.ndarray | list[str] = [s[0] for s in samples]
-                else:
-                    assert buf is not None
-                    _, ts = inlet.pull_chunk(self._pull_timeout, 1, buf)
-                    if len(ts):
-                        _, ts2 = inlet.pull_chunk(0.0, self._max_chunk - 1, buf[1:])
-                        ts = list(ts) + list(ts2)
-                    data = buf[: len(ts)].astype(np.float64)
-            except pylsl.LostError:
-                # not recoverable by liblsl (no source_id): re-resolve by the spec
-                self._set_state(StreamState.LOST, "stream lost (not recoverable by source_id)")
+                data, ts = self._pull(inlet, is_string, buf, self._pull_timeout)
+            except _TimeoutError:
+                # liblsl could not refresh the clock offset because the sender is gone (its
+                # samples are still buffered here): drain them with the last known offset
+                data, ts = self._drain_without_clocksync(inlet, is_string, buf)
+            except Exception as exc:
+                # _LostError: not recoverable by liblsl (no source_id); anything else is a
+                # liblsl failure. Either way: report it and re-resolve by the spec.
+                why = (
+                    "stream lost (not recoverable by source_id)"
+                    if isinstance(exc, _LostError)
+                    else f"inlet failed ({type(exc).__name__}: {exc}); resolving again"
+                )
+                self._set_state(StreamState.LOST, why)
                 self._inlet = inlet = None
                 self._open_deadline = None
                 new = self._connect()
@@ -705,6 +704,40 @@ class AsyncInlet:
                     self._set_state(
                         StreamState.STALLED, f"visible again, no sample for {idle:.1f} s"
                     )
+
+    def _pull(
+        self, inlet: pylsl.StreamInlet, is_string: bool, buf: np.ndarray | None, timeout: float
+    ) -> tuple[np.ndarray | list[str], list[float]]:
+        """Wait up to ``timeout`` for one sample, then take whatever else is already there."""
+        if is_string:
+            samples, ts = inlet.pull_chunk(timeout, 1)
+            if ts:
+                more, ts2 = inlet.pull_chunk(0.0, self._max_chunk - 1)
+                samples = list(samples) + list(more)
+                ts = list(ts) + list(ts2)
+            return [s[0] for s in samples], list(ts)
+        assert buf is not None
+        _, ts = inlet.pull_chunk(timeout, 1, buf)
+        if len(ts):
+            _, ts2 = inlet.pull_chunk(0.0, self._max_chunk - 1, buf[1:])
+            ts = list(ts) + list(ts2)
+        return buf[: len(ts)].astype(np.float64), list(ts)
+
+    def _drain_without_clocksync(
+        self, inlet: pylsl.StreamInlet, is_string: bool, buf: np.ndarray | None
+    ) -> tuple[np.ndarray | list[str], list[float]]:
+        flags = self.spec.flags
+        offset = self._stats.clock_offset or 0.0
+        _liblsl.lsl_set_postprocessing(inlet.obj, flags & ~pylsl.proc_clocksync)
+        try:
+            data, ts = self._pull(inlet, is_string, buf, 0.0)
+        except Exception:
+            return ([] if is_string else np.zeros((0, 1))), []
+        finally:
+            _liblsl.lsl_set_postprocessing(inlet.obj, flags)
+        if flags & pylsl.proc_clocksync:
+            ts = [t + offset for t in ts]
+        return data, ts
 
     def _switch_inlet(self, info: pylsl.StreamInfo) -> pylsl.StreamInlet | None:
         """Open an inlet on a restarted outlet (checked against the spec first)."""

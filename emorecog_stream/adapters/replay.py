@@ -292,6 +292,11 @@ class Replayer:
         """Wall seconds one pass over all sessions takes."""
         return sum(p.span for p in self._plans)
 
+    @property
+    def session_spans(self) -> list[float]:
+        """Wall seconds each session takes, in play order."""
+        return [p.span for p in self._plans]
+
     def progress(self) -> ReplayProgress:
         with self._lock:
             p = self._progress
