@@ -145,7 +145,7 @@ class Engine:
             session_id=self.session_id,
             model_id=self.model_id,
             broker_url=broker_url,
-            started_at=now,
+            started_at=self.clock(),  # telemetry works on the LSL clock, unscaled
         )
         self.counters = EngineCounters()
         self.status = EngineStatus("starting", "waiting for the fMRI stream")
@@ -427,8 +427,24 @@ class Engine:
     # -- running ------------------------------------------------------------------------------
 
     def snapshot(self, mqtt: Any = None) -> EngineSnapshot:
-        """The dashboard's view now (``mqtt``: a ``telemetry.MqttStats`` to include)."""
-        return self.telemetry.snapshot(self.clock(), mqtt=mqtt)
+        """The dashboard's view now (``mqtt``: the publisher's stats to include).
+
+        Stream figures come from the telemetry monitors (rates, lag, gaps on the LSL clock)
+        plus the aligner's ring buffers (fill, samples overwritten before use).
+        """
+        now = self.clock()
+        buffers = self.aligner.stats().streams
+        streams = []
+        for role, monitor in self.telemetry.monitors.items():
+            b = buffers.get(role)
+            note = self._input_errors.get(Role(role), "")
+            if b is None:
+                streams.append(monitor.stats(now, note=note))
+            else:
+                streams.append(
+                    monitor.stats(now, buffer_fill=b.buffer_fill, overflows=b.overflow, note=note)
+                )
+        return self.telemetry.snapshot(now, streams=streams, mqtt=mqtt)
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from signal handlers on the loop)."""

@@ -239,7 +239,7 @@ async def run_engine(
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await engine.aclose()
-        say(_summary(engine, publisher))
+        say(("\n" if dashboard_output is not None else "") + _summary(engine, publisher))
         return counters
 
 

@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="replay this recording instead of the shipped session (XDF, ICBHI folder, ...)",
     )
     parser.add_argument("--mqtt", metavar="URL", help="publish to this broker instead")
+    parser.add_argument(
+        "--model", metavar="PATH", help="checkpoint or keras-v1:PATH (default: the shipped one)"
+    )
     parser.add_argument("--log", metavar="FILE", help="append a JSONL audit log of predictions")
 
 
@@ -88,6 +91,7 @@ def demo_config(args: argparse.Namespace, tag: str) -> Any:
     overrides: dict[str, Any] = {
         "session.id": "demo",
         "mqtt.url": args.mqtt,
+        "model.path": args.model,
         "output.log": args.log,
         "output.dashboard": False if args.no_dashboard else None,
         "session.duration": args.duration,
