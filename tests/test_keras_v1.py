@@ -27,7 +27,7 @@ from emorecog_stream.model.keras_v1_net import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras_v1"
 K2_FILES = ["k2_full.h5", "k2_weights.h5", "k2.weights.h5"]
-K3_FILES = ["k3_full.h5", "k3.weights.h5"]
+K3_FILES = ["k3_full.h5", "k3.weights.h5", "k3.keras"]
 TOL = 1e-4
 
 
@@ -105,6 +105,7 @@ def test_layouts_are_told_apart() -> None:
     assert read_keras_v1_file(FIXTURES / "k2.weights.h5").layout == "weights.h5"
     assert read_keras_v1_file(FIXTURES / "k3.weights.h5").layout == "weights.h5"
     assert read_keras_v1_file(FIXTURES / "k3_full.h5").layout == "full-model"
+    assert read_keras_v1_file(FIXTURES / "k3.keras").layout == "keras-archive"
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -267,3 +268,44 @@ def test_tf210_weight_paths_and_bytes_attributes(tmp_path: Path) -> None:
     class_p, level_p = load_keras_v1(path).predict(ref["mri"], ref["rates"])
     np.testing.assert_allclose(class_p, ref["class_probs"], atol=TOL, rtol=0)
     np.testing.assert_allclose(level_p, ref["level_probs"], atol=TOL, rtol=0)
+
+
+def test_keras_archive_without_recorded_names(tmp_path: Path) -> None:
+    """A .keras archive whose weights file records no layer names: the keys are derived from the
+    graph's layer order as Keras derives them (``layers/conv1d_1`` is the graph's ``conv1d_4``)."""
+    import zipfile
+
+    with zipfile.ZipFile(FIXTURES / "k3.keras") as src:
+        members = {n: src.read(n) for n in src.namelist()}
+    weights = tmp_path / "model.weights.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "r+") as h5:
+        stripped = 0
+
+        def strip(_name: str, obj: object) -> None:
+            nonlocal stripped
+            if "name" in obj.attrs:  # type: ignore[attr-defined]
+                del obj.attrs["name"]  # type: ignore[attr-defined]
+                stripped += 1
+
+        h5.visititems(strip)
+    assert stripped > 10
+    members["model.weights.h5"] = weights.read_bytes()
+    archive = tmp_path / "renamed.keras"
+    with zipfile.ZipFile(archive, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    ref = reference("k3")
+    class_p, level_p = load_keras_v1(archive).predict(ref["mri"], ref["rates"])
+    np.testing.assert_allclose(class_p, ref["class_probs"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(level_p, ref["level_probs"], atol=TOL, rtol=0)
+
+
+def test_zip_that_is_not_a_keras_archive(tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(KerasV1Error, match=r"model\.keras: \.keras archive without config\.json"):
+        load_keras_v1(path)

@@ -120,7 +120,7 @@ class SourceInfo:
     @property
     def model_id(self) -> str:
         name = Path(self.file).name
-        for suffix in (".weights.h5", ".h5", ".hdf5"):
+        for suffix in (".weights.h5", ".h5", ".hdf5", ".keras"):
             if name.endswith(suffix):
                 name = name[: -len(suffix)]
                 break
@@ -279,7 +279,7 @@ def load_keras_v1_model(path: str | Path, **kwargs: Any) -> KerasV1StreamingMode
     p = Path(path)
     if not p.is_file():
         raise KerasV1Error(f"{p}: no such file")
-    if h5py.is_hdf5(p) or p.name.lower().endswith((".h5", ".hdf5")):
+    if h5py.is_hdf5(p) or p.name.lower().endswith((".h5", ".hdf5", ".keras")):
         return KerasV1StreamingModel(load_keras_v1(p), **kwargs)  # says "not an HDF5 file"
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)

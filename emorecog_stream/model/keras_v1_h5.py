@@ -1,6 +1,6 @@
 """Read the Keras files of EmoRecog-Net v1.0 with h5py alone (no TensorFlow).
 
-Three layouts are read (see ``docs/keras-v1.md``):
+Four layouts are read (see ``docs/keras-v1.md``):
 
 * full-model HDF5 (``ModelCheckpoint`` / ``model.save('x.h5')``, Keras 2 and Keras 3): the graph in
   the root attribute ``model_config`` is followed from the two outputs back to the inputs, so
@@ -9,7 +9,8 @@ Three layouts are read (see ``docs/keras-v1.md``):
 * Keras 2 weights-only HDF5 (``save_weights('x.h5')``): the same per-layer groups at the root,
   without a graph;
 * the newer weights-only layout (``*.weights.h5``, Keras >= 2.13 and Keras 3):
-  ``layers/<key>/vars``.
+  ``layers/<key>/vars``;
+* Keras 3's ``.keras`` zip archive (``config.json`` graph + ``model.weights.h5``).
 
 Weights-only files carry no graph, so roles are assigned by shapes (each layer's input width
 must equal the output width of the layer feeding it) with ties broken by model order (stream c
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -665,25 +667,26 @@ def _check_against_config(
 
 
 def read_keras_v1_file(path: str | Path) -> KerasV1File:
-    """Read any of the three layouts; raise :class:`KerasV1Error` naming what does not fit."""
+    """Read any of the four layouts; raise :class:`KerasV1Error` naming what does not fit."""
     import h5py  # a package dependency; imported here so ``--help`` stays fast
 
     path = Path(path)
     if not path.is_file():
         raise KerasV1Error(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise KerasV1Error(
-            f"{path}: not an HDF5 file (expected a Keras .h5 / .weights.h5 file; a .keras zip "
-            "archive must be re-saved as .h5 with Keras)"
-        )
     try:
+        if zipfile.is_zipfile(path):
+            return _read_keras_archive(path)
+        if not h5py.is_hdf5(path):
+            raise KerasV1Error(
+                f"{path}: not an HDF5 file (expected a Keras .h5, .weights.h5 or .keras file)"
+            )
         with h5py.File(path, "r") as h5:
             return _read_any(path, h5)
     except KerasV1Error as exc:
         if str(exc).startswith(str(path)):
             raise
         raise KerasV1Error(f"{path}: {exc}") from None
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
+    except (KeyError, ValueError, TypeError, IndexError, OSError, zipfile.BadZipFile) as exc:
         raise KerasV1Error(f"{path}: malformed Keras file ({type(exc).__name__}: {exc})") from None
 
 
@@ -706,30 +709,109 @@ def _read_any(path: Path, h5: Any) -> KerasV1File:
 
 
 def _read_full(path: Path, h5: Any, keras_version: str) -> KerasV1File:
-    nodes, inputs, outputs = _parse_graph(_text(h5.attrs["model_config"]))
-    roles, concat_order, window, pool1, pool2, act = _graph_roles(nodes, inputs, outputs)
     group = h5["model_weights"]
     listed = set(_text_list(group.attrs.get("layer_names")))
+
+    def weights_of(name: str) -> dict[str, np.ndarray] | None:
+        if name not in listed or name not in group:
+            return None
+        return _read_legacy_layer(group[name])
+
+    return _from_graph(
+        path, _text(h5.attrs["model_config"]), weights_of, "full-model", keras_version
+    )
+
+
+def _from_graph(
+    path: Path,
+    model_config: str,
+    weights_of: Callable[[str], dict[str, np.ndarray] | None],
+    layout: str,
+    keras_version: str,
+) -> KerasV1File:
+    """Roles from the graph, weights looked up by each layer's real name."""
+    nodes, inputs, outputs = _parse_graph(model_config)
+    roles, concat_order, window, pool1, pool2, act = _graph_roles(nodes, inputs, outputs)
     weights: dict[str, dict[str, np.ndarray]] = {}
     names: dict[str, str] = {}
     for role, node in roles.items():
         names[role] = node.name
-        if node.name not in listed or node.name not in group:
-            raise KerasV1Error(
-                f"{path}: layer {node.name!r} ({describe_role(role)}) is in the model graph but "
-                "has no weights in 'model_weights'"
-            )
         try:
-            weights[role] = _read_legacy_layer(group[node.name])
+            found = weights_of(node.name)
         except KerasV1Error as exc:
             raise KerasV1Error(
                 f"{path}: layer {node.name!r} ({describe_role(role)}): {exc}"
             ) from None
+        if not found:
+            raise KerasV1Error(
+                f"{path}: layer {node.name!r} ({describe_role(role)}) is in the model graph but "
+                "has no weights in the file"
+            )
+        weights[role] = found
     configs = {role: node.config for role, node in roles.items()}
     sizes = _sizes_from_weights(
         path, weights, names, window, (pool1, pool2), act, concat_order, configs
     )
-    return KerasV1File(path, "full-model", keras_version, sizes, weights, names)
+    return KerasV1File(path, layout, keras_version, sizes, weights, names)
+
+
+def _snake(class_name: str) -> str:
+    """Keras 3's key for a layer class in ``.weights.h5``: ``MaxPooling1D`` -> ``max_pooling1d``,
+    ``InputLayer`` -> ``input_layer``, ``GRU`` -> ``gru``."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", class_name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _read_keras_archive(path: Path) -> KerasV1File:
+    """A Keras 3 ``.keras`` zip: ``config.json`` (the graph) + ``model.weights.h5`` (new layout).
+
+    Weight groups are keyed by class-derived names in model order (``layers/conv1d_1`` may be the
+    layer the graph calls ``conv1d_4``); Keras 3 records the real name in a ``name`` attribute,
+    and where it does not, the key is derived from the graph's layer order the way Keras does.
+    """
+    import io
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        members = set(archive.namelist())
+        for needed in ("config.json", "model.weights.h5"):
+            if needed not in members:
+                raise KerasV1Error(
+                    f"{path}: .keras archive without {needed}; it holds {sorted(members)}"
+                )
+        config = archive.read("config.json").decode("utf-8")
+        weights_bytes = archive.read("model.weights.h5")
+        meta = json.loads(archive.read("metadata.json")) if "metadata.json" in members else {}
+    body = json.loads(config).get("config", {})
+    derived: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for layer in body.get("layers", []):
+        base = _snake(layer["class_name"])
+        n = counts.get(base, 0)
+        counts[base] = n + 1
+        derived[layer.get("name") or layer["config"]["name"]] = base if n == 0 else f"{base}_{n}"
+    with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
+        if "layers" not in h5:
+            raise KerasV1Error(f"{path}: model.weights.h5 has no 'layers' group")
+        root = h5["layers"]
+        by_real: dict[str, str] = {}
+        for key in root:
+            for holder in (root[key], root[key].get("vars")):
+                if holder is not None:
+                    for attr in ("name", "@name"):
+                        if attr in holder.attrs:
+                            by_real[_text(holder.attrs[attr])] = key
+
+        def weights_of(name: str) -> dict[str, np.ndarray] | None:
+            key = by_real.get(name, derived.get(name))
+            if key is None or key not in root:
+                return None
+            return _read_new_layer(root[key])
+
+        return _from_graph(
+            path, config, weights_of, "keras-archive", str(meta.get("keras_version", "unknown"))
+        )
 
 
 def _read_weights_only_legacy(path: Path, h5: Any, keras_version: str) -> KerasV1File:
