@@ -30,6 +30,8 @@ import numpy as np
 
 __all__ = ["RingBuffer"]
 
+_F8 = np.dtype(np.float64)
+
 
 class RingBuffer:
     """A bounded, time-sorted buffer of ``n_channels`` samples with timestamps."""
@@ -91,42 +93,60 @@ class RingBuffer:
         Returns how many samples were accepted (see the module docstring for the policy).
         """
         ts = timestamps
-        if type(ts) is not np.ndarray or ts.dtype != np.float64 or ts.ndim != 1:
-            ts = np.asarray(ts, dtype=np.float64)
-            if ts.ndim == 0:
-                ts = ts.reshape(1)
-        x = data if type(data) is np.ndarray else np.asarray(data)
-        if x.ndim != 2:
-            if x.ndim == 1 and self.n_channels == 1:
-                x = x.reshape(-1, 1)
-            elif x.ndim == 1 and ts.shape[0] == 1 and x.shape[0] == self.n_channels:
-                x = x.reshape(1, -1)
-        if x.ndim != 2 or x.shape[1] != self.n_channels or ts.ndim != 1:
+        x = data
+        if not (
+            type(ts) is np.ndarray
+            and type(x) is np.ndarray
+            and ts.dtype == _F8
+            and ts.ndim == 1
+            and x.ndim == 2
+        ):
+            ts, x = self._normalise(x, ts)
+        n = ts.shape[0]
+        if x.shape != (n, self.n_channels):
+            raise ValueError(
+                f"expected data (n, {self.n_channels}) and one timestamp per sample,"
+                f" got data {x.shape} and timestamps {ts.shape}"
+            )
+        if n == 0:
+            return 0
+        start, end = self._start, self._end
+        t0 = ts.item(0)
+        # Fast path: finite, sorted, and newer than what we hold. A NaN/Inf inside the chunk
+        # makes some difference NaN or negative, so the min() test catches it too.
+        if (
+            (end == start or t0 >= self._ts.item(end - 1))
+            and t0 > self._consumed_t
+            and math.isfinite(t0)
+            and math.isfinite(ts.item(-1))
+            and (n == 1 or (ts[1:] - ts[:-1]).min() >= 0.0)
+        ):
+            cap = self.capacity
+            if end - start + n <= cap and end + n <= 2 * cap:  # no eviction, no compaction
+                self._data[end : end + n] = x
+                self._ts[end : end + n] = ts
+                self._end = end + n
+                self.appended += n
+            else:
+                self._write(x, ts)
+            return n
+        return self._append_slow(x, ts)
+
+    def _normalise(self, x: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ts = np.asarray(ts, dtype=np.float64)
+        if ts.ndim == 0:
+            ts = ts.reshape(1)
+        x = np.asarray(x)
+        if x.ndim == 1 and self.n_channels == 1:
+            x = x.reshape(-1, 1)
+        elif x.ndim == 1 and ts.shape[0] == 1 and x.shape[0] == self.n_channels:
+            x = x.reshape(1, -1)
+        if x.ndim != 2 or ts.ndim != 1:
             raise ValueError(
                 f"expected data (n, {self.n_channels}) and timestamps (n,),"
                 f" got data {x.shape} and timestamps {ts.shape}"
             )
-        n = ts.shape[0]
-        if x.shape[0] != n:
-            raise ValueError(
-                f"expected one timestamp per sample, got {n} timestamps for {x.shape[0]} samples"
-            )
-        if n == 0:
-            return 0
-        end = self._end
-        t0 = float(ts[0])
-        # Fast path: finite, sorted, and newer than what we hold. A NaN/Inf inside the chunk
-        # makes some difference NaN or negative, so the min() test catches it too.
-        if (
-            (end == self._start or t0 >= self._ts[end - 1])
-            and t0 > self._consumed_t
-            and math.isfinite(t0)
-            and math.isfinite(ts[-1])
-            and (n == 1 or (ts[1:] - ts[:-1]).min() >= 0.0)
-        ):
-            self._write(x, ts)
-            return n
-        return self._append_slow(x, ts)
+        return ts, x
 
     def _append_slow(self, x: np.ndarray, ts: np.ndarray) -> int:
         good = np.isfinite(ts)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -301,7 +302,7 @@ class PeakRateTracker:
         restart = gap_before or self._zi is None
         zi = self._zi_unit * x[0] if restart else self._zi.copy()
         y, zi = self._filter(x, zi)
-        if not math.isfinite(zi.sum()):
+        if not math.isfinite(zi.item(0)):  # a bad sample reaches the first state for good
             return False
         if gap_before:
             self._break(gap=True)
@@ -456,7 +457,8 @@ class PeakRateTracker:
             squares = self._cum_s2[i1] - self._cum_s2[i0]
         else:
             # robust: drop intervals far from the median (split or missed beats), O(k log k)
-            srt = sorted(v for v in self._ivl[i0 + 1 : i1 + 1] if v == v)
+            seg = self._ivl[i0 + 1 : i1 + 1]
+            srt = sorted(seg if count == i1 - i0 else [v for v in seg if v == v])
             h = count // 2
             med = srt[h] if count % 2 else 0.5 * (srt[h - 1] + srt[h])
             a = bisect.bisect_left(srt, med * m.trim[0])
@@ -467,7 +469,7 @@ class PeakRateTracker:
             if count < m.min_intervals:
                 return RateEstimate(None, 0.0, f"{m.name}: too few regular intervals")
             total = sum(srt)
-            squares = sum(v * v for v in srt)
+            squares = sum(map(operator.mul, srt, srt))
         mean = total / count
         rate = 60.0 / mean
         if not m.rate_range[0] <= rate <= m.rate_range[1]:
