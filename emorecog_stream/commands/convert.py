@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input",
         metavar="KERAS_FILE",
-        help="Keras file: full-model .h5 (bestmodel_02815.h5), save_weights .h5 or .weights.h5",
+        help="Keras file: full-model .h5 (bestmodel_02815.h5), .weights.h5 or .keras",
     )
     parser.add_argument(
         "-o",
@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def default_output(path: Path) -> Path:
     name = path.name
-    for suffix in (".weights.h5", ".h5", ".hdf5"):
+    for suffix in (".weights.h5", ".h5", ".hdf5", ".keras"):
         if name.endswith(suffix):
             return path.with_name(name[: -len(suffix)] + ".pt")
     return path.with_name(name + ".pt")
