@@ -326,3 +326,16 @@ def test_real_ppg_recordings_shipped_with_heartpy() -> None:
     errors = np.asarray(errors)
     assert errors.size >= 40
     assert np.mean(errors <= 2.0) >= 0.9, np.sort(errors)[-6:]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_bad_last_sample_of_a_chunk_is_caught(bad: float) -> None:
+    fs = 100.0
+    t = np.arange(3000) / fs
+    x = np.sin(2 * np.pi * 1.25 * t)
+    x[999] = bad  # the last sample of the first chunk
+    tracker = HeartRateTracker(fs)
+    tracker.update(t[:1000], x[:1000])
+    tracker.update(t[1000:], x[1000:])
+    assert tracker.nonfinite == 1
+    assert tracker.rate(29.9) == pytest.approx(75.0, abs=0.5)
