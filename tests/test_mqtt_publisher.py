@@ -23,7 +23,6 @@ from emorecog_stream.sinks.broker import EmbeddedBroker
 from emorecog_stream.sinks.mqtt import MqttConfigError, MqttPublisher, MqttSettings
 from emorecog_stream.sinks.payload import PayloadError, load_schema
 from tests.plugins.mqtt_broker import (
-    PERSIST_SETTLE_S,
     MqttCollector,
     free_port,
     sample_prediction,
@@ -97,7 +96,7 @@ async def test_broker_killed_mid_stream_and_restarted_after_5_s_loses_nothing(
         clean_session=False,
         client_id=f"durable-{uuid.uuid4().hex[:8]}",
     )
-    time.sleep(PERSIST_SETTLE_S)  # the persistent subscription reaches the broker's disk
+    broker.wait_persisted()  # the durable subscription is on disk before any kill
     n, kill_at = 150, 30
     restarter: threading.Timer | None = None
     async with MqttPublisher(fast(broker.url, reconnect_max_s=1.0), session) as pub:
@@ -168,7 +167,7 @@ async def test_unreachable_broker_at_start_queues_then_delivers_and_drops_oldest
         clean_session=False,
         client_id=f"durable-{uuid.uuid4().hex[:8]}",
     )
-    time.sleep(PERSIST_SETTLE_S)
+    broker.wait_persisted()
     broker.stop()
     settings = fast(broker.url, queue_capacity=6, reconnect_max_s=0.3)
     pub = MqttPublisher(settings, session)
@@ -268,7 +267,9 @@ async def test_embedded_broker_with_publisher_and_paho_subscriber() -> None:
                 assert await pub.flush(10)
                 assert pub.stats.protocol == "3.1.1"  # amqtt refuses MQTT 5: auto fallback
             got = await asyncio.to_thread(
-                sub.wait_for, lambda _: len(sub.of("prediction")) >= 20, 10
+                sub.wait_for,
+                lambda _: len(sub.of("prediction")) >= 20 and len(sub.of("status")) >= 2,
+                10,
             )
             assert got
             assert [p["sequence"] for p in sub.json("prediction")] == list(range(20))

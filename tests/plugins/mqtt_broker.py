@@ -23,8 +23,8 @@ Kill-and-restart tests: a broker without persistence forgets subscriptions when 
 subscriber could miss messages published before it reconnects. For such tests use
 ``mqtt_broker_factory(persistence=True)`` (Mosquitto saves its state every second to a temp
 dir) and a collector with ``clean_session=False``: the subscription and the messages queued for
-it survive the restart, whichever client reconnects first. Wait ``PERSIST_SETTLE_S`` after
-subscribing before killing the broker so the subscription is on disk.
+it survive the restart, whichever client reconnects first. Call ``broker.wait_persisted()``
+after subscribing and before killing the broker, so the subscription is on disk.
 
 Subscriber
 ----------
@@ -58,8 +58,9 @@ from typing import Any
 
 import pytest
 
-PERSIST_SETTLE_S = 1.5
-"""Seconds for a persistent Mosquitto to write a new subscription to disk (autosave is 1 s)."""
+PERSIST_SETTLE_S = 2.5
+"""A fixed wait for a persistent Mosquitto to save a new subscription (autosave every 1 s).
+Prefer ``MosquittoBroker.wait_persisted()``, which waits for the actual save."""
 
 
 def find_mosquitto() -> str | None:
@@ -236,6 +237,24 @@ class MosquittoBroker:
         time.sleep(delay)
         self.start()
 
+    def wait_persisted(self, timeout: float = 10.0) -> None:
+        """Block until the broker saved its state to disk *after* this call began.
+
+        Call it once a durable subscriber is subscribed: the next autosave (every second)
+        holds the subscription, so it survives a SIGKILL. Needs ``persistence=True``.
+        """
+        if not self.persistence:
+            raise RuntimeError("wait_persisted needs a broker made with persistence=True")
+        db = self.workdir / "mosquitto.db"
+        start = time.time_ns()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if db.stat().st_mtime_ns > start:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"mosquitto did not save {db} within {timeout} s")
+
 
 class EmbeddedTestBroker:
     """The amqtt broker (``emorecog_stream.sinks.broker``) on a thread of its own, same API.
@@ -375,6 +394,7 @@ class MqttCollector:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         connect_options: dict[str, Any] = {}
         if v5:
             from paho.mqtt.packettypes import PacketTypes
@@ -394,9 +414,13 @@ class MqttCollector:
         if getattr(rc, "is_failure", False):
             return
         self.connects += 1
-        for topic in self.topics:
-            client.subscribe(topic, qos=self.qos)
-        self._connected.set()
+        client.subscribe([(topic, self.qos) for topic in self.topics])
+
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: Any, codes: Any, props: Any = None
+    ) -> None:
+        if not any(getattr(code, "is_failure", False) for code in codes):
+            self._connected.set()  # connected *and* the broker confirmed every subscription
 
     def _on_disconnect(self, *args: Any) -> None:
         self._connected.clear()
@@ -411,10 +435,8 @@ class MqttCollector:
             self._cond.notify_all()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
-        """True once connected and the subscriptions were sent (allow the SUBACK a moment)."""
-        ok = self._connected.wait(timeout)
-        time.sleep(0.1)
-        return ok
+        """True once connected and the broker acknowledged the subscriptions (SUBACK)."""
+        return self._connected.wait(timeout)
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
