@@ -292,6 +292,8 @@ class Aligner:
         pend_t = self._pend_t
         if not pend_t:
             return []
+        if now != now:
+            raise ValueError("poll: now must be a time in seconds, got NaN")
         out: list[AlignedStep] = []
         latest = self._latest
         expected = self._expected

@@ -309,6 +309,9 @@ def test_bad_input_raises_clear_errors() -> None:
         AlignerConfig(expected=(Role.FMRI,))
     with pytest.raises(ValueError, match="resp_srate is not set"):
         Aligner(AlignerConfig(expected=())).push(Role.RESP, np.zeros(3), np.arange(3.0))
+    aligner.push(Role.FMRI, np.zeros((1, N_ROIS)), np.array([1.0]))
+    with pytest.raises(ValueError, match="now must be a time"):
+        aligner.poll(math.nan)
 
 
 def test_pending_volumes_are_bounded() -> None:
