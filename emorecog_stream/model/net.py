@@ -49,8 +49,8 @@ class NetConfig:
     hidden: int = 128
     physio_hidden: int = 16
     fusion_hidden: int = 64
-    dropout: float = 0.2
-    input_dropout: float = 0.0  # training only: whole ROIs dropped for a whole sequence
+    dropout: float = 0.5  # as the seed's Dropout(0.5)
+    input_dropout: float = 0.5  # training only: whole ROIs dropped for a whole sequence
     physio_clip: float = 5.0  # z-scored rates are clipped to +-this (one wild value stays bounded)
     intensity_scale: float = 4.0
     roi_window: float = 60.0  # running ROI baseline time constant, volumes (features.py)

@@ -37,12 +37,12 @@ from emorecog_stream.model.net import EmoRecogNet, NetConfig
 class TrainConfig:
     seed: int = 2024
     epochs: int = 80
-    patience: int = 12
+    patience: int = 15
     batch_size: int = 16
     crop_volumes: int = 256
     burn_in: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
     category_weight: float = 0.3
     intensity_weight: float = 0.7
     grad_clip: float = 1.0
