@@ -177,6 +177,7 @@ def push_session(
 def ready_times(pushed, volume_stamps: np.ndarray) -> np.ndarray:
     """For each volume: when the last sample its step needs had been pushed."""
     out = []
+    last_role = []
     fmri = np.array(pushed["fmri"])
     phys = {r: np.array(pushed[r]) for r in ("ppg", "resp")}
     for received_t in volume_stamps:
@@ -188,7 +189,8 @@ def ready_times(pushed, volume_stamps: np.ndarray) -> np.ndarray:
             k = int(np.searchsorted(arr[:, 0], t, side="left"))  # first chunk ending >= t
             moments.append(arr[min(k, len(arr) - 1), 1])
         out.append(max(moments))
-    return np.array(out)
+        last_role.append(("fmri", *phys)[int(np.argmax(moments))])
+    return np.array(out), last_role
 
 
 def main() -> None:
@@ -304,10 +306,19 @@ def main() -> None:
     if len(rows) < n:
         print(f"warning: {len(rows)} of {n} predictions received", file=sys.stderr)
     stamps = np.array([r[1] for r in rows])
-    ready = ready_times(pushed, stamps)
+    ready, last_role = ready_times(pushed, stamps)
     latency = (np.array([r[0] for r in rows]) - ready) * 1000.0
     engine_ms = np.array([r[2] for r in rows])
     latency, engine_ms = latency[args.warmup :], engine_ms[args.warmup :]
+    last_role = last_role[args.warmup :]
+    slow = np.argsort(latency)[::-1][:5]
+    print(
+        "slowest steps (index, ms, engine ms, stream pushed last): "
+        + ", ".join(
+            f"({i + args.warmup}, {latency[i]:.1f}, {engine_ms[i]:.1f}, {last_role[i]})"
+            for i in slow
+        )
+    )
     p50, p99, mx = (float(np.percentile(latency, q)) for q in (50, 99, 100))
     print(f"{len(rows)} predictions received for {n} volumes via {broker_kind}")
     print(
