@@ -7,15 +7,22 @@ beat (breath) interval of the peaks inside the window.
 Why band-pass + peaks rather than a spectrum: the streaming engine needs a rate at every fMRI
 volume (20,000 volumes/s is the throughput target), so the per-volume cost must be O(new samples).
 A causal filter with carried state and a lobe detector that keeps its state between calls touch
-each sample once; the rate over any window then comes from prefix sums over the detected peaks in
-O(log n). A spectrum would cost O(W log W) per volume (W = window samples) and, over a 15 s
-window, has a resolution of 4 bpm, needing interpolation to reach the 2 bpm accuracy target;
-mean-interval estimates resolve far below that.
+each sample once; the rate over any window then comes from the few peaks inside it (prefix sums
+for respiration, O(log n); a sort of ~15-30 intervals for the heart rate, see below). A spectrum
+would cost O(W log W) per volume (W = window samples) and, over a 15 s window, has a resolution
+of 4 bpm, needing interpolation to reach the 2 bpm accuracy target; mean-interval estimates
+resolve far below that.
+
+Heart rate only: intervals outside ``trim`` (0.7-1.4) x the window's median are left out before
+averaging. An extra peak (dicrotic notch, motion) splits a beat into two short intervals and a
+missed peak makes one twice as long; on real PPG (heartpy's recordings) this took agreement with
+NeuroKit2 from 64 % to 96 % of 15 s windows. Breathing is irregular by nature: no trimming.
 
 Peak detector: the band-passed signal is zero-mean, so each beat (breath) is one positive lobe.
 A lobe's peak is the maximum between an upward and the next downward zero crossing; a lobe counts
 only when (a) it is complete (the signal went back to <= 0), (b) its height is at least
-``gate`` times a running mean of recent accepted heights (rejects noise lobes near zero) and
+``gate`` times a running mean of recent accepted heights (rejects noise lobes near zero; a
+rejected lobe pulls that mean down slowly, so a lasting drop in amplitude is followed) and
 (c) it is more than ``refractory_s`` after the previous peak, otherwise the higher of the two is
 kept. Every state update happens per sample or per lobe, never per call, so feeding the same
 samples in any chunking gives bit-identical peaks (the aligner's property test relies on this).
