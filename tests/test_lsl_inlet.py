@@ -348,3 +348,23 @@ async def test_close_joins_reader_thread(lsl_tag, outlet_factory):
     assert not thread.is_alive()
     assert inlet.state is StreamState.CLOSED
     assert [i async for i in inlet][-1].state is StreamState.CLOSED  # iteration ends
+
+
+async def test_group_optional_role_connects_later(lsl_tag, outlet_factory):
+    """Optional roles (physiology) do not hold up open(); they connect when they appear."""
+    outlet_factory(f"fMRI-{lsl_tag}", type="fMRI", channels=246, srate=1.0)
+    specs = [
+        InletSpec(Role.FMRI, name=f"fMRI-{lsl_tag}", channels=246),
+        InletSpec(Role.PPG, name=f"PPG-{lsl_tag}", channels=1),
+    ]
+    async with InletGroup(specs, optional=[Role.PPG]) as group:
+        meta = await group.open(5.0)
+        assert set(meta) == {Role.FMRI}
+        assert group.statuses()[Role.PPG].state is StreamState.CONNECTING
+        ppg = outlet_factory(f"PPG-{lsl_tag}", srate=100.0)
+        assert await asyncio.to_thread(ppg.wait_for_consumers, 10.0)
+        await asyncio.sleep(0.2)
+        push_regular(ppg, pylsl.local_clock(), 0, 3, 100.0)
+        items = await collect(group, 3, timeout=10.0)
+    assert [(e.role, e.state) for e in events_of(items)][-1] == (Role.PPG, StreamState.CONNECTED)
+    assert group.inlets[Role.PPG].metadata is not None

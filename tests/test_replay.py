@@ -205,3 +205,25 @@ def test_bad_sessions_and_arguments_are_clear_errors():
         Replayer([])
     with pytest.raises(KeyError, match="no rates stream"):
         Replayer(a).drop_stream(Role.RATES, 1.0)
+
+
+async def test_rates_stream_replays_with_live_labels(lsl_tag):
+    """Sessions that carry one (heart rate, respiration rate) pair per TR, as the ICBHI .mat
+    files do, replay as the irregular 2-channel PhysioRates stream."""
+    session = make_session(n_volumes=4, ppg_rate=None, resp_rate=None, markers=False)
+    rates = np.array([[70, 14], [71, 15], [72, 16], [73, 17]], dtype=np.float32)
+    session.rates = SignalStream(
+        Role.RATES, "pnr_rate", "PhysioRates", rates, session.fmri.timestamps, 0.0
+    )
+    replayer = Replayer(session, speed=20.0, tag=lsl_tag)
+    specs = [InletSpec.for_role(Role.FMRI, lsl_tag), InletSpec.for_role(Role.RATES, lsl_tag)]
+    replayer.open()
+    async with InletGroup([specs[1]]) as group:
+        meta = await group.open(5.0)
+    assert meta[Role.RATES].channel_labels == ("heart_rate", "respiration_rate")
+    assert meta[Role.RATES].units == ("bpm", "breaths/min")
+    assert meta[Role.RATES].nominal_srate == 0
+    chunks, _ = await replay_and_collect(replayer, specs)
+    ts, data = joined(chunks[Role.RATES])
+    np.testing.assert_array_equal(data, rates.astype(np.float64))
+    np.testing.assert_allclose(ts, joined(chunks[Role.FMRI])[0], atol=1e-3)
