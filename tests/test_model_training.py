@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,18 +159,20 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         net_from_checkpoint(data, good)
 
 
-def test_load_model_delegates_keras_v1_checkpoints(tmp_path, monkeypatch):
+KERAS_FIXTURE = Path(__file__).parent / "fixtures" / "keras_v1" / "k2_full.h5"
+
+
+@pytest.mark.skipif(not KERAS_FIXTURE.is_file(), reason="Keras v1 fixtures not present")
+def test_load_model_hands_keras_v1_files_to_the_port(tmp_path):
     from emorecog_stream.model import keras_v1
 
-    seen = {}
-    monkeypatch.setattr(keras_v1, "load_converted", lambda d, p: seen.setdefault("pt", (d, p)))
-    monkeypatch.setattr(keras_v1, "load_keras_v1_model", lambda p: seen.setdefault("h5", p))
-    path = tmp_path / "v1.pt"
-    torch.save({"format": "keras-v1", "state_dict": {}}, path)
-    load_model(path)
-    assert seen["pt"][0]["format"] == "keras-v1" and seen["pt"][1] == path
-    load_model("keras-v1:some/file.h5")
-    assert seen["h5"] == "some/file.h5"
+    direct = load_model(f"keras-v1:{KERAS_FIXTURE}")
+    assert direct.model_id.startswith("keras-v1:")
+    converted = tmp_path / "v1.pt"
+    keras_v1.save_converted(KERAS_FIXTURE, converted)
+    assert read_checkpoint(converted)["format"] == "keras-v1"
+    via_pt = load_model(converted)
+    assert type(via_pt) is type(direct) and via_pt.model_id == direct.model_id
 
 
 @pytest.mark.slow

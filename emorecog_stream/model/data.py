@@ -99,8 +99,14 @@ def session_data(session: Session, label_delay: float | None = None) -> SessionD
     return SessionData(
         participant=session.participant,
         roi=np.stack([s.roi for s in steps]).astype(np.float32),
-        heart_rate=np.array([s.heart_rate for s in steps], np.float32),
-        respiration_rate=np.array([s.respiration_rate for s in steps], np.float32),
+        # as the engine feeds the model: a rate that is not valid is missing (NaN)
+        heart_rate=np.array(
+            [s.heart_rate if s.heart_rate_valid else np.nan for s in steps], np.float32
+        ),
+        respiration_rate=np.array(
+            [s.respiration_rate if s.respiration_rate_valid else np.nan for s in steps],
+            np.float32,
+        ),
         category=category,
         intensity=intensity,
         trial=trial,
