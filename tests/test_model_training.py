@@ -214,3 +214,35 @@ def test_commands_reject_bad_input(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert cli_main(["train", "--epochs", "0"]) == 2
     assert "--epochs: expected >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_on_a_folder_of_icbhi_mat_trials(tmp_path):
+    """The seed's per-trial files: one HR/RR pair per trial, labels without delay."""
+    import scipy.io
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mat"
+    folder.mkdir()
+    for p in (1, 2, 3):
+        for trial in range(6):
+            category = trial % 3 - 1
+            mri = rng.normal(size=(246, 25)) + category * 0.5
+            scipy.io.savemat(
+                folder / f"P{p:02d}_{trial}.mat",
+                {
+                    "mri_d": mri,
+                    "pnr_rate": np.array([[70.0 + 3 * category, 15.0]]),
+                    "lab_d": np.array([[category, 2 * category]]),
+                },
+            )
+    out = tmp_path / "mat.pt"
+    rc = cli_main(
+        ["train", str(folder), "-o", str(out), "--train", "P01,P02", "--val", "P03",
+         "--test", "", "--epochs", "1", "--crop", "64", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert report["label_delay_s"] == [0.0]
+    assert report["metrics"]["val"]["per_trial"]["n"] == 6  # every trial of P03 scored
+    assert [s["volumes"] for s in report["sessions"]] == [150, 150, 150]
