@@ -59,10 +59,15 @@ def test_volumes_are_labelled_after_the_hemodynamic_delay(sessions):
     assert (cat0 >= 0).sum() == (cat >= 0).sum() == len(trials) * 25
 
 
-def test_session_data_uses_the_aligner_rates(datas):
+def test_session_data_uses_the_aligner_rates(sessions, datas):
+    from emorecog_stream.aligner import align_session
+
+    steps = align_session(sessions[0])
     d = datas[0]
-    assert d.roi.shape == (d.n_volumes, 246) and d.roi.dtype == np.float32
-    assert np.isnan(d.heart_rate[:3]).all()  # the HR window is still filling
+    assert d.roi.shape == (d.n_volumes, 246) == (len(steps), 246) and d.roi.dtype == np.float32
+    hr = np.array([s.heart_rate if s.heart_rate_valid else np.nan for s in steps], np.float32)
+    np.testing.assert_array_equal(d.heart_rate, hr)
+    assert np.isfinite(d.heart_rate).mean() > 0.9
     assert np.nanmean(d.heart_rate) == pytest.approx(70, abs=15)
     assert d.label_delay == 5.0
 
