@@ -321,7 +321,7 @@ class _Stats:
     clock_offset: float | None = None
     stalls: int = 0
     recoveries: int = 0
-    window: deque[tuple[float, int]] = field(default_factory=deque)
+    window: deque[tuple[float, float, int]] = field(default_factory=deque)  # first, last, n
 
 
 class AsyncInlet:
@@ -562,12 +562,13 @@ class AsyncInlet:
 
     def _measured_rate(self) -> float | None:
         window = self._stats.window
-        if len(window) < 2:
+        if not window:
             return None
-        span = window[-1][0] - window[0][0]
-        if span <= 0:
+        samples = sum(n for _, _, n in window)
+        span = window[-1][1] - window[0][0]
+        if samples < 2 or span <= 0:
             return None
-        return sum(n for _, n in list(window)[1:]) / span
+        return (samples - 1) / span
 
     def _run(self) -> None:
         self._set_state(StreamState.CONNECTING, "resolving " + self.spec.describe())
@@ -646,8 +647,8 @@ class AsyncInlet:
                     s.last_timestamp = float(timestamps[-1])
                     s.last_receipt = now
                     s.lag = now - float(timestamps[-1])
-                    s.window.append((float(timestamps[-1]), len(timestamps)))
-                    while s.window and s.window[0][0] < timestamps[-1] - window:
+                    s.window.append((float(timestamps[0]), float(timestamps[-1]), len(timestamps)))
+                    while s.window and s.window[0][1] < timestamps[-1] - window:
                         s.window.popleft()
                     recovered = self._state in (StreamState.STALLED, StreamState.LOST)
                     if recovered:
