@@ -25,8 +25,7 @@ from emorecog_stream.adapters.replay import Replayer
 from emorecog_stream.aligner import align_session
 from emorecog_stream.config import apply_overrides, load_config
 from emorecog_stream.engine import Engine
-from emorecog_stream.model.net import EmoRecogNet, NetConfig
-from emorecog_stream.model.stepper import StreamingEmoRecogNet
+from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.runner import RunHooks, run_engine
 from emorecog_stream.sinks.payload import load_schema
@@ -40,10 +39,7 @@ SPEED = 10.0
 
 @pytest.fixture(scope="module")
 def model():
-    import torch
-
-    torch.manual_seed(0)
-    return StreamingEmoRecogNet(EmoRecogNet(NetConfig()), "test-net")
+    return load_model()  # the shipped default checkpoint
 
 
 def off_grid(session):
@@ -163,8 +159,13 @@ def test_replay_to_mosquitto_equals_offline_predictions(
     probs = np.array(
         [[p["probabilities"][k] for k in ("negative", "neutral", "positive")] for p in preds]
     )
-    np.testing.assert_allclose(probs, expected.probabilities, atol=1e-5)
-    np.testing.assert_allclose([p["intensity"] for p in preds], expected.intensity, atol=1e-5)
+    intensity = np.array([p["intensity"] for p in preds])
+    # LSL's clock correction moves timestamps by microseconds (x10 at speed 10); that moves
+    # heart-beat times and so the heart rate by ~1e-4 bpm, which reaches the outputs as
+    # ~1e-5 (seen: probabilities <= 1.3e-5, intensity on its -4..+4 scale <= 4.3e-5).
+    # Without LSL in between (tests/test_engine.py) the engine matches offline within 1e-5.
+    np.testing.assert_allclose(probs, expected.probabilities, atol=3e-5)
+    np.testing.assert_allclose(intensity, expected.intensity, atol=1e-4)
     hr_live = np.array([np.nan if p["heart_rate"] is None else p["heart_rate"] for p in preds])
     # rates come from peak times, which move with the timestamps' microsecond clock correction
     hr_off = [s.heart_rate for s in steps]
@@ -182,14 +183,12 @@ def test_replay_to_mosquitto_equals_offline_predictions(
 def test_broker_killed_and_restarted_loses_nothing(
     model, session, mqtt_broker_factory, mqtt_collector
 ) -> None:
-    from tests.plugins.mqtt_broker import PERSIST_SETTLE_S
-
     broker = mqtt_broker_factory(persistence=True)
     session_id = f"e2e-{uuid.uuid4().hex[:8]}"
     sub = mqtt_collector(
         broker, [f"emorecog/{session_id}/prediction"], clean_session=False, client_id=session_id
     )
-    time.sleep(PERSIST_SETTLE_S)  # the subscription is on disk before the broker dies
+    broker.wait_persisted()  # the subscription is on disk before the broker dies
     killed_at: list[int] = []
 
     def kill_and_restart(replayer: Replayer, engine: Engine) -> None:

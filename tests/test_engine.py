@@ -18,8 +18,7 @@ from emorecog_stream.aligner import align_session
 from emorecog_stream.config import apply_overrides, load_config
 from emorecog_stream.engine import Chunk, Engine
 from emorecog_stream.messages import AlignedStep, Prediction
-from emorecog_stream.model.net import EmoRecogNet, NetConfig
-from emorecog_stream.model.stepper import StreamingEmoRecogNet
+from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.session_state import EngineStatus
 from emorecog_stream.streams import Role
@@ -29,10 +28,7 @@ SHORT = SynthConfig(n_participants=1, n_trials=3, rest_s=5.0, lead_in_s=5.0)
 
 @pytest.fixture(scope="module")
 def model():
-    import torch
-
-    torch.manual_seed(0)
-    return StreamingEmoRecogNet(EmoRecogNet(NetConfig()), "test-net")
+    return load_model()  # the shipped default checkpoint
 
 
 @pytest.fixture(scope="module")
