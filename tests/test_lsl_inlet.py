@@ -10,6 +10,7 @@ import pylsl
 import pytest
 
 from emorecog_stream.adapters.lsl_inlet import (
+    AmbiguousStreamError,
     AsyncInlet,
     Chunk,
     InletGroup,
@@ -19,6 +20,8 @@ from emorecog_stream.adapters.lsl_inlet import (
     StreamNotFoundError,
     StreamState,
     default_processing_flags,
+    pick_stream,
+    resolve_one,
 )
 from emorecog_stream.streams import Role
 
@@ -368,3 +371,19 @@ async def test_group_optional_role_connects_later(lsl_tag, outlet_factory):
         items = await collect(group, 3, timeout=10.0)
     assert [(e.role, e.state) for e in events_of(items)][-1] == (Role.PPG, StreamState.CONNECTED)
     assert group.inlets[Role.PPG].metadata is not None
+
+
+def test_two_matching_streams_are_ambiguous(lsl_tag, outlet_factory):
+    outlet_factory(f"PPG-{lsl_tag}", source_id=f"a-{lsl_tag}")
+    outlet_factory(f"PPG-{lsl_tag}", source_id=f"b-{lsl_tag}")
+    spec = InletSpec(Role.PPG, name=f"PPG-{lsl_tag}")
+    infos = pylsl.resolve_bypred(spec.predicate, 2, 10.0)
+    assert len(infos) == 2
+    with pytest.raises(AmbiguousStreamError) as err:
+        pick_stream(spec, infos)
+    assert f"source_id='a-{lsl_tag}'" in str(err.value)
+    assert f"source_id='b-{lsl_tag}'" in str(err.value)
+    assert "set name or source_id" in str(err.value)
+    # one selector more makes it unique
+    info = resolve_one(InletSpec(Role.PPG, name=f"PPG-{lsl_tag}", source_id=f"b-{lsl_tag}"), 5.0)
+    assert info.source_id() == f"b-{lsl_tag}"

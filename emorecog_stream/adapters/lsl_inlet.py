@@ -280,18 +280,11 @@ def check_info(spec: InletSpec, info: pylsl.StreamInfo) -> None:
             )
 
 
-def resolve_one(spec: InletSpec, timeout: float, list_wait: float = 1.0) -> pylsl.StreamInfo:
-    """Find the one stream matching ``spec`` within ``timeout`` seconds and check it.
+def pick_stream(spec: InletSpec, infos: Sequence[pylsl.StreamInfo]) -> pylsl.StreamInfo:
+    """The one stream among resolver results, checked against the spec.
 
-    Raises :class:`StreamNotFoundError` (listing the visible streams),
-    :class:`AmbiguousStreamError` or :class:`StreamMismatchError`.
+    Raises :class:`AmbiguousStreamError` or :class:`StreamMismatchError`.
     """
-    infos = _resolve(spec.predicate, timeout)
-    if not infos:
-        raise StreamNotFoundError(
-            f"no {spec.describe()} found within {timeout:g} s;"
-            f" {describe_visible(visible_streams(list_wait))}"
-        )
     distinct = {i.uid(): i for i in infos}
     if len(distinct) > 1:
         lines = "\n  ".join(sorted(describe_info(i) for i in distinct.values()))
@@ -302,6 +295,25 @@ def resolve_one(spec: InletSpec, timeout: float, list_wait: float = 1.0) -> pyls
     info = infos[0]
     check_info(spec, info)
     return info
+
+
+def not_found(spec: InletSpec, timeout: float, list_wait: float = 1.0) -> StreamNotFoundError:
+    return StreamNotFoundError(
+        f"no {spec.describe()} found within {timeout:g} s;"
+        f" {describe_visible(visible_streams(list_wait))}"
+    )
+
+
+def resolve_one(spec: InletSpec, timeout: float) -> pylsl.StreamInfo:
+    """Find the one stream matching ``spec`` within ``timeout`` seconds and check it (blocking).
+
+    Raises :class:`StreamNotFoundError` (listing the visible streams),
+    :class:`AmbiguousStreamError` or :class:`StreamMismatchError`.
+    """
+    infos = _resolve(spec.predicate, timeout)
+    if not infos:
+        raise not_found(spec, timeout)
+    return pick_stream(spec, infos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,25 +522,13 @@ class AsyncInlet:
             try:
                 remaining = None if deadline is None else deadline - (pylsl.local_clock() - started)
                 if remaining is not None and remaining <= 0:
-                    raise StreamNotFoundError(
-                        f"no {self.spec.describe()} found within {deadline:g} s;"
-                        f" {describe_visible(visible_streams())}"
-                    )
+                    raise not_found(self.spec, deadline)  # type: ignore[arg-type]
                 # >= 1 s per attempt: liblsl re-sends queries every ~0.5 s, and concurrent
                 # resolves (several inlets opening at once) often miss the first answer
                 step = 1.0 if remaining is None else min(2.0, remaining)
                 infos = _resolve(self.spec.predicate, step)
-                if not infos:
-                    continue
-                distinct = {i.uid(): i for i in infos}
-                if len(distinct) > 1:
-                    lines = "\n  ".join(sorted(describe_info(i) for i in distinct.values()))
-                    raise AmbiguousStreamError(
-                        f"{len(distinct)} streams match the {self.spec.describe()};"
-                        f" set name or source_id to pick one:\n  {lines}"
-                    )
-                check_info(self.spec, infos[0])
-                return self._make_inlet(infos[0])
+                if infos:
+                    return self._make_inlet(pick_stream(self.spec, infos))
             except LslAdapterError as exc:
                 if deadline is not None:
                     self._set_state(StreamState.ERROR, str(exc))
@@ -875,6 +875,7 @@ __all__ = [
     "StreamStatus",
     "check_info",
     "default_processing_flags",
+    "pick_stream",
     "resolve_one",
     "visible_streams",
 ]
