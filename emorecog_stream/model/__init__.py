@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emorecog_stream.model.api import SequenceOutput, StepOutput, Stepper, StreamingModel
+from emorecog_stream.model.api import (
+    BatchStepper,
+    SequenceOutput,
+    StepOutput,
+    Stepper,
+    StreamingModel,
+)
 
 
 def load_model(path: str | Path | None = None) -> StreamingModel:
@@ -18,4 +24,11 @@ def load_model(path: str | Path | None = None) -> StreamingModel:
     return _load(path)
 
 
-__all__ = ["SequenceOutput", "StepOutput", "Stepper", "StreamingModel", "load_model"]
+__all__ = [
+    "BatchStepper",
+    "SequenceOutput",
+    "StepOutput",
+    "Stepper",
+    "StreamingModel",
+    "load_model",
+]

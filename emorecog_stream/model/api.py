@@ -45,6 +45,24 @@ class Stepper(Protocol):
     def reset(self) -> None: ...
 
 
+class BatchStepper(Protocol):
+    """Advances ``batch_size`` independent sessions by one volume each per call.
+
+    ``step_batch`` takes roi (B, 246), heart_rate (B,), respiration_rate (B,) (NaN = missing) and
+    returns probabilities (B, 3) and intensity (B,); ``reset(i)`` starts session ``i`` afresh,
+    ``reset()`` all of them. Row ``i`` equals what a single stepper fed row ``i`` would give.
+    Offered by models that can batch (the streaming EmoRecog-Net's ``batch_stepper(B)``).
+    """
+
+    batch_size: int
+
+    def step_batch(
+        self, roi: np.ndarray, heart_rate: np.ndarray, respiration_rate: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def reset(self, index: int | None = None) -> None: ...
+
+
 class StreamingModel(Protocol):
     """A loaded model: ``model_id`` names it in every published prediction."""
 

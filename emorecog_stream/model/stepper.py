@@ -158,8 +158,9 @@ def _physio_value(w: _Weights, i: int, value: float, dev: float) -> tuple[float,
     return min(max(z, -clip), clip), min(max(zd, -clip), clip), 1.0
 
 
-class BatchStepper:
-    """Advances ``batch_size`` independent sessions by one volume per call.
+class NetBatchStepper:
+    """Advances ``batch_size`` independent sessions by one volume per call (implements
+    :class:`~emorecog_stream.model.api.BatchStepper`).
 
     ``step_batch(roi (B, R), hr (B,), rr (B,))`` returns ``(probabilities (B, 3), intensity (B,))``
     (fresh arrays); ``reset(i)`` starts session ``i`` afresh (``reset()`` resets all). Each row
@@ -307,7 +308,7 @@ class NetStepper:
 
     def __init__(self, weights: _Weights) -> None:
         self._w = weights
-        self._batch = BatchStepper(weights, 1)
+        self._batch = NetBatchStepper(weights, 1)
         self._hr = RateBaseline(weights.rate_window)
         self._rr = RateBaseline(weights.rate_window)
         self._n = 0
@@ -368,9 +369,9 @@ class StreamingEmoRecogNet:
         """A fresh single-session stepper (GRU state and baselines at zero)."""
         return NetStepper(self._weights)
 
-    def batch_stepper(self, batch_size: int) -> BatchStepper:
+    def batch_stepper(self, batch_size: int) -> NetBatchStepper:
         """A stepper advancing ``batch_size`` independent sessions per call."""
-        return BatchStepper(self._weights, batch_size)
+        return NetBatchStepper(self._weights, batch_size)
 
     def predict_sequence(
         self, roi: np.ndarray, heart_rate: np.ndarray, respiration_rate: np.ndarray
