@@ -180,7 +180,8 @@ async def run_engine(
         group = InletGroup(inlet_specs(config), optional=optional)
         say(f"looking for the fMRI stream ({_describe_stream(config, Role.FMRI)}) ...")
         try:
-            metas = await group.open(timeout=config.engine.resolve_timeout / time_scale)
+            # real seconds: finding a stream has nothing to do with the replay speed
+            metas = await group.open(timeout=config.engine.resolve_timeout)
         except LslAdapterError as exc:
             raise RunError(str(exc)) from None
         stack.push_async_callback(group.close)

@@ -124,3 +124,69 @@ def _save_untrained(path: Path) -> None:
 
     torch.manual_seed(0)
     save_checkpoint(EmoRecogNet(NetConfig()), path)
+
+
+@pytest.mark.slow
+def test_demo_publishes_what_listen_prints() -> None:
+    """The README's main job: `demo` on a fresh setup, `listen` in another process."""
+    import subprocess
+    import sys
+
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emorecog_stream",
+            "demo",
+            "--no-dashboard",
+            "--speed",
+            "20",
+            "--duration",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        url = None
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if "embedded MQTT broker listening on " in line:
+                url = line.rsplit(" ", 1)[-1].strip()
+            if "mosquitto_sub" in line:
+                break
+        assert url is not None and url.startswith("mqtt://127.0.0.1:"), "".join(seen)
+        listen = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "emorecog_stream",
+                "listen",
+                "--mqtt",
+                url,
+                "--session",
+                "demo",
+                "--count",
+                "5",
+                "--timeout",
+                "30",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if listen.returncode != 0:
+            demo.kill()
+            said = "".join(seen) + demo.stdout.read()
+            pytest.fail(f"{listen.stdout}{listen.stderr}\ndemo said:\n{said}")
+        assert listen.stdout.count("TR") >= 5
+        rest = demo.stdout.read()
+        assert demo.wait(timeout=60) == 0, rest
+        assert "TR    0" in "".join(seen) + rest
+        assert "unsent 0" in rest  # the queue was flushed before the broker went down
+    finally:
+        if demo.poll() is None:
+            demo.kill()

@@ -65,7 +65,6 @@ def e2e_config(broker_url: str, tag: str, session_id: str, **extra: Any):
         "session.id": session_id,
         "mqtt.url": broker_url,
         "output.dashboard": False,
-        "engine.resolve_timeout": 50.0,  # engine seconds: 5 s at speed 10
     }
     for role in (Role.FMRI, Role.PPG, Role.RESP):
         name, _type, source_id = stream_identity(role, tag)
