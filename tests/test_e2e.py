@@ -278,3 +278,67 @@ def wait_until(t: float) -> None:
 
     while (left := t - pylsl.local_clock()) > 0:
         time.sleep(min(left, 0.05))
+
+
+def test_ctrl_c_sets_offline_flushes_and_closes_the_log(
+    session, mqtt_broker, mqtt_collector, tmp_path
+) -> None:
+    """`emorecog-stream run` in its own process, stopped with SIGINT as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+
+    from emorecog_stream.sinks.jsonl import read_log
+
+    tag = "cc" + uuid.uuid4().hex[:8]
+    session_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    sub = mqtt_collector(mqtt_broker, [f"emorecog/{session_id}/#"])
+    lines = [f'[session]\nid = "{session_id}"\n', "[output]\ndashboard = false\n"]
+    for role in (Role.FMRI, Role.PPG, Role.RESP):
+        name, _type, source_id = stream_identity(role, tag)
+        lines.append(f'[streams.{role.value}]\nname = "{name}"\nsource_id = "{source_id}"\n')
+    config = tmp_path / "run.toml"
+    config.write_text("\n".join(lines))
+    log = tmp_path / "session.jsonl"
+    replayer = Replayer(session, speed=1.0, tag=tag, loop=True)
+    replayer.open()
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emorecog_stream",
+            "run",
+            "--config",
+            str(config),
+            "--mqtt",
+            mqtt_broker.url,
+            "--log",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert replayer.wait_for_consumers([Role.FMRI, Role.PPG, Role.RESP], timeout=30.0)
+        replayer.start(delay=0.2)
+        assert sub.wait_for(
+            lambda m: len([x for x in m if x.topic.endswith("/prediction")]) >= 3, 20
+        )
+        engine.send_signal(signal.SIGINT)
+        out, _ = engine.communicate(timeout=30)
+    finally:
+        replayer.stop()
+        if engine.poll() is None:
+            engine.kill()
+    assert engine.returncode == 0, out
+    assert "stopped:" in out and "unsent 0" in out
+    assert sub.wait_for(lambda m: any(x.json().get("state") == "offline" for x in m), 10)
+    offline = [s for s in sub.json("status") if s["state"] == "offline"]
+    assert offline[-1]["reason"] == "engine stopped"  # said by the engine, not its Last Will
+    records = read_log(log)
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "session_start" and kinds[-1] == "session_end"
+    logged = [r["sequence"] for r in records if r["kind"] == "prediction"]
+    published = [p["sequence"] for p in sub.unique_by_sequence("prediction")]
+    assert logged == published  # the audit log and the broker saw the same predictions
