@@ -267,3 +267,24 @@ async def test_timer_pauses_and_degrades_without_new_data(model, session) -> Non
     assert len(out.predictions) == 20
     assert all(not p.heart_rate_valid and not p.respiration_rate_valid for p in out.predictions)
     assert out.closed
+
+
+def test_keras_v1_window_model_waits_for_its_window(session) -> None:
+    """The published model's rolling-window port answers ready=False until 25 volumes are in:
+    nothing is published for those, and after that the engine equals offline stepping."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "keras_v1" / "k2_full.h5"
+    keras = load_model(f"keras-v1:{fixture}")
+    clock = Clock(999.0)
+    engine, out = make_engine(keras, clock)
+    feed(engine, clock, chunk_events(session))
+    _steps, expected = offline(keras, session)
+    assert engine.counters.warming_up == 24
+    got = out.predictions
+    assert len(got) == session.n_volumes - 24
+    assert [p.sequence for p in got] == list(range(len(got)))  # no holes for the warm-up
+    assert got[0].tr_index == 24 and got[0].model_id == keras.model_id
+    assert all(p.level is not None and -4 <= p.level <= 4 for p in got)
+    probs = np.array([p.probabilities for p in got])
+    np.testing.assert_allclose(probs, expected.probabilities[24:], atol=1e-5)
