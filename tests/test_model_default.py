@@ -57,3 +57,12 @@ def test_default_checkpoint_steps_as_it_predicts(model, p15):
         np.array([o.probabilities for o in outs]), seq.probabilities, atol=1e-5, rtol=0
     )
     np.testing.assert_allclose(np.array([o.intensity for o in outs]), seq.intensity, atol=1e-5)
+
+
+def test_training_data_of_the_default_checkpoint_is_still_what_we_generate(model, p15):
+    """A tripwire: when the generator or the aligner changes what P15 looks like to the model,
+    `emorecog-stream train` no longer reproduces default.pt and its model card; retrain it
+    (MODEL_CARD.md says how) and update the card's figures."""
+    recorded = {s["participant"]: s["data_digest"] for s in model.metadata["training"]["sessions"]}
+    assert len(recorded) == 16
+    assert p15.digest() == recorded["P15"], "P15 changed since default.pt was trained"

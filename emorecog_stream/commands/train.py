@@ -191,7 +191,12 @@ def main(args: argparse.Namespace) -> int:
         "split": split.describe(),
         "label_delay_s": sorted({d.label_delay for d in datas}),
         "sessions": [
-            {"participant": d.participant, "volumes": d.n_volumes, "source": d.source}
+            {
+                "participant": d.participant,
+                "volumes": d.n_volumes,
+                "source": d.source,
+                "data_digest": d.digest(),
+            }
             for d in datas
         ],
         "train_config": config.to_dict(),

@@ -18,6 +18,7 @@ as it will live. A trial's *trial-level* prediction is the one at its last label
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,18 @@ class SessionData:
     @property
     def n_volumes(self) -> int:
         return int(self.roi.shape[0])
+
+    def digest(self) -> str:
+        """SHA-256 (16 hex) of what the model learns from: ROI values, rates and labels.
+
+        Recorded per session in a checkpoint, it tells whether re-running the training command
+        today would see the same data (a changed generator or aligner changes it).
+        """
+        h = hashlib.sha256(self.participant.encode())
+        for array in (self.roi, self.heart_rate, self.respiration_rate, self.category,
+                      self.intensity, self.trial):  # fmt: skip
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:16]
 
 
 def default_label_delay(session: Session) -> float:
