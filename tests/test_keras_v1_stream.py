@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emorecog_stream.cli import main as cli_main
 from emorecog_stream.model.api import StepOutput
@@ -220,3 +222,32 @@ def test_load_errors_are_short_and_name_the_file(tmp_path: Path) -> None:
     ) as e:
         load_keras_v1_model(junk_pt)
     assert "\n" not in str(e.value)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(min_value=1, max_value=60),
+    seed=st.integers(min_value=0, max_value=2**16),
+    missing=st.floats(min_value=0.0, max_value=1.0),
+)
+def test_stepping_equals_predict_sequence_property(
+    model, n: int, seed: int, missing: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    vols = session(n, seed=seed)
+    hr = rng.uniform(50, 110, n)
+    rr = rng.uniform(8, 24, n)
+    hr[rng.random(n) < missing] = np.nan
+    rr[rng.random(n) < missing] = np.nan
+    stepper = model.stepper()
+    steps = [stepper.step(vols[t], hr[t], rr[t]) for t in range(n)]
+    seq = model.predict_sequence(vols, hr, rr)
+    for t, out in enumerate(steps):
+        assert out.ready == (t >= 24)
+        if out.ready:
+            assert np.array_equal(seq.probabilities[t], out.probabilities)
+            assert seq.intensity[t] == out.intensity
+        else:
+            assert np.isnan(seq.probabilities[t]).all()
