@@ -141,12 +141,14 @@ async def measure(duration: float) -> dict[str, dict[str, dict[str, float]]]:
         thread_lat: dict[Role, list[float]] = {role: [] for role in STREAMS}
 
         async def consume(inlet: AsyncInlet) -> None:
+            offset, refresh = 0.0, 0.0
             async for item in inlet:
                 now = pylsl.local_clock()
                 if not isinstance(item, Chunk):
                     continue
+                if now > refresh:  # the offset is stable; reading it per chunk would add delay
+                    offset, refresh = inlet.status().clock_offset or 0.0, now + 1.0
                 assert isinstance(item.data, np.ndarray)
-                offset = inlet.status().clock_offset or 0.0
                 pushed_at = item.timestamps[item.data[:, 0] == 1.0] - offset
                 loop_lat[item.role].extend((now - pushed_at).tolist())
                 thread_lat[item.role].extend((item.receipt_time - pushed_at).tolist())
