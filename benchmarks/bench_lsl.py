@@ -16,7 +16,10 @@ same pushes under the same load:
 Latency = delivery time - push time of the marked sample (the async inlet's timestamps are
 clock-corrected; the measured offset, ~0.03 ms here, is removed again).
 
-Usage: ``python benchmarks/bench_lsl.py [--duration 60]``. The last line is one JSON object.
+First, the hand-off alone is measured (one inlet, reader thread -> coroutine, 1000 chunks).
+
+Usage: ``python benchmarks/bench_lsl.py [--duration 60] [--hop-only]``. The last line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -175,13 +178,46 @@ async def measure(duration: float) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
+async def measure_hop(n: int = 1000) -> dict[str, float]:
+    """Reader thread -> coroutine hand-off alone: one inlet, pushed from a thread here."""
+    name = f"bench-hop-{uuid.uuid4().hex[:8]}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "PPG", 1, 500.0, pylsl.cf_float32, name))
+    inlet = AsyncInlet(InletSpec(Role.PPG, name=name))
+    await inlet.open(30.0)
+
+    def push() -> None:
+        for _ in range(n):
+            time.sleep(0.005)
+            outlet.push_chunk(np.zeros((10, 1), np.float32), pylsl.local_clock())
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    hops: list[float] = []
+    async for item in inlet:
+        if isinstance(item, Chunk):
+            hops.append(pylsl.local_clock() - item.receipt_time)
+            if len(hops) >= n:
+                break
+    thread.join()
+    await inlet.close()
+    return summarize(hops, n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of pushing")
     parser.add_argument("--sender", metavar="TAG", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hop-only", action="store_true", help="only the reader-thread -> coroutine hand-off"
+    )
     args = parser.parse_args()
     if args.sender:
         sender(args.sender, args.duration)
+        return
+    hop = asyncio.run(measure_hop())
+    print(f"hop   reader->coroutine     {hop}")
+    if args.hop_only:
+        print(json.dumps({"benchmark": "lsl_reader_to_coroutine_hop", "hop": hop}))
         return
     result = asyncio.run(measure(args.duration))
     for role, paths in result.items():
@@ -206,6 +242,7 @@ def main() -> None:
                 "async_p99_ms_fmri": fmri["async"].get("p99_ms"),
                 "raw_p99_ms_fmri": fmri["raw_pull_sample"].get("p99_ms"),
                 "reference_raw_p99_ms": 0.3,
+                "hop_reader_to_coroutine": hop,
             }
         )
     )
