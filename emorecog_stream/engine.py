@@ -42,6 +42,7 @@ from emorecog_stream.session_state import (
     SessionTracker,
     StatusTracker,
 )
+from emorecog_stream.sinks.payload import utc_now
 from emorecog_stream.streams import CATEGORY_LABELS, N_ROIS, Role
 from emorecog_stream.telemetry import EngineSnapshot, TelemetryRecorder
 
@@ -305,8 +306,6 @@ class Engine:
             self.counters.model_errors += 1
             log.error("model gave a non-finite or malformed output at volume %s", step.index)
             return None
-        from emorecog_stream.sinks.payload import utc_now
-
         volume_ts = self.to_lsl(step.timestamp)
         prediction = Prediction(
             session=self.session_id,

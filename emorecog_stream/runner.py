@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from emorecog_stream.config import Config
+from emorecog_stream.engine import Chunk as EngineChunk
 from emorecog_stream.engine import Engine, EngineCounters, Output
 from emorecog_stream.engine_outputs import DashboardOutput, MqttOutput
 from emorecog_stream.session_state import ROLE_LABEL, ROLE_RATES
@@ -272,17 +273,9 @@ async def _chunks(group: Any, engine: Engine) -> Any:
                 meta = group.inlets[item.role].metadata if item.role in group.inlets else None
                 if meta is not None:
                     engine.register_stream(item.role, meta.name, meta.nominal_srate)
-            yield _EngineChunk(item.role, item.data, item.timestamps, item.receipt_time)
+            yield EngineChunk(item.role, item.data, item.timestamps, item.receipt_time)
         elif isinstance(item, StreamEvent) and item.state.value == "error":
             engine.stream_absent(item.role, f"{ROLE_LABEL[item.role]} stream: {item.reason}")
-
-
-@dataclass(frozen=True)
-class _EngineChunk:
-    role: Role
-    data: Any
-    timestamps: Any
-    received: float
 
 
 def _describe_stream(config: Config, role: Role) -> str:

@@ -207,7 +207,7 @@ def test_broker_killed_and_restarted_loses_nothing(
 
 def test_stream_loss_and_bad_samples(model, mqtt_broker, mqtt_collector) -> None:
     """PPG unplugged for 20 s of session time (2 s at speed 10): predictions go on with the
-    heart rate missing and status degraded, then recover. Later the fMRI stream vanishes for
+    heart rate missing and status degraded, then recover. At 72 s the fMRI stream vanishes for
     10 s of session time: status paused with the reason, and the GRU state resets after.
     Some volumes are NaN and some PPG samples are NaN: flagged, never published as numbers.
     """
@@ -226,8 +226,8 @@ def test_stream_loss_and_bad_samples(model, mqtt_broker, mqtt_collector) -> None
         wait_until(start + 20.0 / SPEED)
         marks["ppg_gone"] = replayer.timestamp_of(20.0)
         replayer.drop_stream(Role.PPG, 20.0 / SPEED)
-        wait_until(start + 65.0 / SPEED)
-        marks["fmri_gone"] = replayer.timestamp_of(65.0)
+        wait_until(start + 72.0 / SPEED)
+        marks["fmri_gone"] = replayer.timestamp_of(72.0)
         replayer.drop_stream(Role.FMRI, 10.0 / SPEED)
 
     run_replay_through_engine(session, model, mqtt_broker.url, session_id, during=unplug)
@@ -238,7 +238,7 @@ def test_stream_loss_and_bad_samples(model, mqtt_broker, mqtt_collector) -> None
     rel = np.round((ts - marks["ppg_gone"]) * SPEED + 20.0, 2)
 
     # predictions went on while PPG was gone, with the heart rate missing
-    gone = [p for p, r in zip(preds, rel, strict=True) if 23.0 <= r < 40.0]
+    gone = [p for p, r in zip(preds, rel, strict=True) if 24.0 <= r < 40.0]
     assert len(gone) >= 15
     assert all(p["heart_rate"] is None and not p["heart_rate_valid"] for p in gone)
     assert all("heart_rate_missing" in p["flags"] for p in gone)
@@ -247,9 +247,10 @@ def test_stream_loss_and_bad_samples(model, mqtt_broker, mqtt_collector) -> None
     assert degraded and degraded[0]["reason"] == (
         "PPG stream stalled: no sample for more than 2 s: heart rate missing"
     )
-    # recovery: LSL reconnects the re-created outlet (same source_id) within a few seconds,
-    # the heart rate is valid again once its window has data, and the status is online
-    back = [p for p, r in zip(preds, rel, strict=True) if 40.0 <= r < 65.5]
+    # recovery: LSL reconnects the re-created outlet (same source_id), the heart rate is valid
+    # again once the gap has left its window (seen: from 63 s on), and the status is online
+    back = [p for p, r in zip(preds, rel, strict=True) if 40.0 <= r < 72.5]
+
     assert back and back[-1]["heart_rate_valid"] and "heart_rate_missing" not in back[-1]["flags"]
     states = [s["state"] for s in statuses]
     assert "online" in states[states.index("degraded") :]
@@ -257,8 +258,8 @@ def test_stream_loss_and_bad_samples(model, mqtt_broker, mqtt_collector) -> None
     # the fMRI gap paused predictions and the state reset when volumes came back
     paused = [s for s in statuses if s["state"] == "paused"]
     assert paused and "fMRI stream stalled" in paused[0]["reason"]
-    assert not any(65.5 <= r < 74.5 for r in rel)
-    after = [p for p, r in zip(preds, rel, strict=True) if r >= 75.0]
+    assert not any(72.5 <= r < 81.5 for r in rel)
+    after = [p for p, r in zip(preds, rel, strict=True) if r >= 82.0]
     assert after and "state_reset" in after[0]["flags"] and after[0]["tr_index"] == 0
     assert states[-1] == "offline"
 
