@@ -288,3 +288,31 @@ def test_keras_v1_window_model_waits_for_its_window(session) -> None:
     assert all(p.level is not None and -4 <= p.level <= 4 for p in got)
     probs = np.array([p.probabilities for p in got])
     np.testing.assert_allclose(probs, expected.probabilities[24:], atol=1e-5)
+
+
+def test_precomputed_rates_stream_feeds_heart_and_respiration_rate(model, session) -> None:
+    """Data that carries only rates (e.g. ICBHI .mat trials): a 2-channel rates stream."""
+    clock = Clock(999.0)
+    engine, out = make_engine(
+        model,
+        clock,
+        **{
+            "streams.ppg.enabled": False,
+            "streams.resp.enabled": False,
+            "streams.rates.enabled": True,
+        },
+    )
+    events = []
+    for i, t in enumerate(session.fmri.timestamps[:30] + 1000.0):
+        rates = np.array([[70.0 + i * 0.1, 15.0]])
+        events.append((Role.RATES, rates, np.array([t - 0.2])))
+        events.append((Role.FMRI, session.fmri.data[i : i + 1], np.array([t])))
+    # the step of a volume waits for a rates sample after it (or for the deadline)
+    events.append((Role.RATES, np.array([[73.0, 15.0]]), np.array([1000.0 + 30 - 0.2])))
+    feed(engine, clock, events)
+    preds = out.predictions
+    assert len(preds) == 30
+    assert all(p.heart_rate_valid and p.respiration_rate_valid for p in preds)
+    assert preds[5].heart_rate == pytest.approx(70.5)
+    assert out.steps[5].heart_rate_source == "rates"
+    assert out.states() == ["online"]
