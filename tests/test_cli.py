@@ -190,3 +190,19 @@ def test_demo_publishes_what_listen_prints() -> None:
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_demo_without_replay_data_generates_the_same_participant(tmp_path, monkeypatch) -> None:
+    """From an installed wheel (no replay_data/ folder) the demo still has its session."""
+    from emorecog_stream.commands import demo
+
+    sessions, origin = demo.demo_sessions()
+    assert sessions[0].participant == "P15" and "P15.xdf" in origin
+    monkeypatch.setattr(demo, "replay_data_dir", lambda: tmp_path / "absent")
+    generated, origin = demo.demo_sessions()
+    assert "generated in memory" in origin
+    assert generated[0].participant == "P15"
+    assert generated[0].n_volumes == sessions[0].n_volumes
+    import numpy as np
+
+    np.testing.assert_array_equal(generated[0].fmri.data, sessions[0].fmri.data)
