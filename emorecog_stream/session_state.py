@@ -183,7 +183,7 @@ class StatusTracker:
             reason = self.absent.get(Role.FMRI, "waiting for the fMRI stream")
             return EngineStatus("starting", reason)
         stalled = self.stalled_roles(now)
-        missing = tuple(sorted({rate for role in stalled for rate in ROLE_RATES[role]}))
+        missing = self._missing_rates(stalled)
         silent = now - last_fmri
         if tr is not None and silent > self.fmri_stall_trs * tr:
             reason = (
@@ -195,9 +195,20 @@ class StatusTracker:
             return EngineStatus("paused", reason, missing, tuple(stalled))
         if stalled:
             names = " and ".join(m.replace("_", " ") for m in missing)
-            reason = "; ".join(stalled.values()) + f": {names} missing"
+            reason = "; ".join(stalled.values())
+            reason += f": {names} missing" if missing else " (rates still come from elsewhere)"
             return EngineStatus("degraded", reason, missing, tuple(stalled))
         return EngineStatus("online", "")
+
+    def _missing_rates(self, stalled: dict[Role, str]) -> tuple[str, ...]:
+        """Rates whose every feeding stream is stalled (PPG down but a rates stream up: the
+        heart rate still comes from the rates stream)."""
+        missing = []
+        for rate in ("heart_rate", "respiration_rate"):
+            feeders = [r for r in self.physio_roles if rate in ROLE_RATES[r]]
+            if feeders and all(r in stalled for r in feeders):
+                missing.append(rate)
+        return tuple(missing)
 
     def next_change(self, now: float, tr: float | None) -> float | None:
         """The earliest time at which :meth:`status` could change without new data arriving."""

@@ -84,3 +84,21 @@ def test_absent_stream_and_next_change() -> None:
     assert st.next_change(2.6, tr=1.0) == pytest.approx(3.0)  # the fMRI pause comes first
     st.arrived(Role.RESP, 2.6)  # a stream that comes back is no longer absent
     assert st.status(2.6, tr=1.0).state == "online"
+
+
+def test_a_rate_is_missing_only_when_every_stream_feeding_it_stalled() -> None:
+    st = StatusTracker(
+        [Role.PPG, Role.RESP, Role.RATES], stall_timeout=1.0, fmri_stall_trs=5.0, started_at=0.0
+    )
+    for role in (Role.FMRI, Role.PPG, Role.RESP, Role.RATES):
+        st.arrived(role, 0.0)
+    for role in (Role.FMRI, Role.PPG, Role.RESP):
+        st.arrived(role, 2.0)
+    rates_down = st.status(2.0, tr=1.0)  # the rates stream stalled, the waveforms flow
+    assert rates_down.state == "degraded" and rates_down.missing == ()
+    assert rates_down.stalled == (Role.RATES,)
+    st.arrived(Role.FMRI, 4.0)
+    st.arrived(Role.RESP, 4.0)
+    ppg_down_too = st.status(4.0, tr=1.0)
+    assert ppg_down_too.missing == ("heart_rate",)
+    assert "heart rate missing" in ppg_down_too.reason
