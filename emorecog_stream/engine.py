@@ -207,7 +207,7 @@ class Engine:
         received = self.clock() if received is None else float(received)
         self.counters.chunks += 1
         if role is Role.MARKERS:
-            self.counters.markers += len(np.atleast_1d(timestamps))
+            self._markers(data, timestamps)
             return []
         try:
             values, stamps = self._check_chunk(role, data, timestamps)
@@ -240,6 +240,22 @@ class Engine:
         predictions = self._poll(ready_at=received)
         self._reschedule()
         return predictions
+
+    def _markers(self, data: Any, timestamps: Any) -> None:
+        """Trial markers are not model input; outputs with ``on_marker`` (the audit log) get
+        each one with its LSL timestamp, so predictions can be lined up with the stimuli."""
+        stamps = np.atleast_1d(np.asarray(timestamps, dtype=np.float64))
+        texts = [row[0] if isinstance(row, (list, tuple)) else row for row in list(data)]
+        self.counters.markers += len(stamps)
+        for output in self.outputs:
+            hook = getattr(output, "on_marker", None)
+            if hook is None:
+                continue
+            for t, text in zip(stamps.tolist(), texts, strict=False):
+                try:
+                    hook(float(t), str(text))
+                except Exception:
+                    log.exception("output %r failed on a marker", output)
 
     def _check_chunk(self, role: Role, data: Any, timestamps: Any) -> tuple[np.ndarray, np.ndarray]:
         label = label_of(role)

@@ -85,3 +85,29 @@ class DashboardOutput:
                 await self._task
         self.dashboard.update(self.snapshot())
         self.dashboard.stop()
+
+
+class MarkerLog:
+    """Trial markers into the JSONL audit log (``{"kind": "marker", ...}`` lines), beside the
+    predictions, so the record shows which stimulus each prediction belongs to."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+
+    def on_marker(self, timestamp: float, text: str) -> None:
+        from emorecog_stream.recordings.session import parse_marker
+
+        fields: dict[str, Any] = {"timestamp": timestamp, "text": text}
+        parsed = parse_marker(text)
+        if parsed is not None:
+            fields["marker"] = parsed
+        self.log.write_record("marker", fields)
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
+        pass
+
+    def on_status(self, status: EngineStatus) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass

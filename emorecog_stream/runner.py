@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from emorecog_stream.config import Config
 from emorecog_stream.engine import Chunk as EngineChunk
 from emorecog_stream.engine import Engine, EngineCounters, Output
-from emorecog_stream.engine_outputs import DashboardOutput, MqttOutput
+from emorecog_stream.engine_outputs import DashboardOutput, MarkerLog, MqttOutput
 from emorecog_stream.session_state import ROLE_LABEL, ROLE_RATES
 from emorecog_stream.streams import Role
 
@@ -198,6 +198,8 @@ async def run_engine(
         outputs: list[Output] = [MqttOutput(publisher)]
         if log is not None:
             outputs.append(log)
+            if config.streams.markers.enabled:
+                outputs.append(MarkerLog(log))
         engine_box: list[Engine] = []
 
         def snapshot() -> Any:

@@ -316,3 +316,26 @@ def test_precomputed_rates_stream_feeds_heart_and_respiration_rate(model, sessio
     assert preds[5].heart_rate == pytest.approx(70.5)
     assert out.steps[5].heart_rate_source == "rates"
     assert out.states() == ["online"]
+
+
+def test_markers_reach_the_audit_log_not_the_model(model, tmp_path) -> None:
+    from emorecog_stream.engine_outputs import MarkerLog
+    from emorecog_stream.recordings.session import make_marker
+    from emorecog_stream.sinks.jsonl import JsonlLog, read_log
+
+    log = JsonlLog(tmp_path / "s.jsonl", session="t1", model_id=model.model_id)
+    config = apply_overrides(load_config(None), {"session.id": "t1"})
+    engine = Engine(config, model, [log, MarkerLog(log)], clock=Clock(5.0))
+    text = make_marker("trial_start", 3, 1, 2)
+    engine.process_chunk(Role.MARKERS, [[text], ["not json"]], [4.5, 4.7], 5.0)
+    log.close()
+    markers = read_log(tmp_path / "s.jsonl", kind="marker")
+    assert [m["timestamp"] for m in markers] == [4.5, 4.7]
+    assert markers[0]["marker"] == {
+        "event": "trial_start",
+        "trial": 3,
+        "category": 1,
+        "intensity": 2,
+    }
+    assert markers[1]["text"] == "not json" and "marker" not in markers[1]
+    assert engine.counters.markers == 2 and engine.counters.steps == 0
