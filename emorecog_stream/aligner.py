@@ -139,7 +139,7 @@ class Aligner:
         self._buffers: dict[Role, RingBuffer] = {}
         self._trackers: dict[Role, PeakRateTracker] = {}
         self._latest: dict[Role, float] = {r: -math.inf for r in (*_PHYSIO, Role.RATES)}
-        self._pushed: dict[Role, int] = {r: 0 for r in (*_PHYSIO, Role.RATES)}
+        self._room: dict[Role, int] = {}  # unconsumed rows beyond which _make_room runs
         self._volumes = 0
         self._volumes_dropped = 0
         self._steps = 0
@@ -171,6 +171,7 @@ class Aligner:
             else:
                 self._trackers[role] = PeakRateTracker(fs, RESPIRATION, cfg.rr_window_s)
         self._buffers[role] = buf
+        self._room[role] = buf.capacity * 3 // 4
         return buf
 
     @property
@@ -222,22 +223,23 @@ class Aligner:
                 raise ValueError("markers are not aligned: pass them to the engine")
             buf = self._buffer(role)
         try:
-            accepted = buf.append(data, timestamps)
+            buf.append(data, timestamps)
         except ValueError as exc:
             raise ValueError(f"{role.value}: {exc}") from None
-        self._pushed[role] += accepted
-        end = buf._end  # newest timestamp, read directly: this is the hot path
-        if end > buf._start:
-            self._latest[role] = buf._ts[end - 1]
-            if end - buf._read > buf.capacity * 3 // 4:
-                self._make_room(role, buf)
+        # read directly, this is the hot path: the newest timestamp (of a chunk not yet
+        # checked inside, its last one: a lower bound), the unconsumed row count
+        self._latest[role] = buf._newest
+        if buf._end - buf._read > self._room[role]:
+            self._make_room(role, buf)
 
     def _make_room(self, role: Role, buf: RingBuffer) -> None:
         """Physiology piles up unconsumed (fMRI lags or stopped): process it before the buffer
         overwrites it, up to the oldest waiting volume or, with none, up to ``deadline_s``
         before the newest sample. (A volume arriving later than that for an older time gets
         a rate from slightly more data than :func:`align_session` would use.)"""
-        newest = float(buf._ts[buf._end - 1])
+        newest = buf.latest_timestamp
+        if newest is None:
+            return
         horizon = self._pend_t[0] if self._pend_t else newest - self._deadline
         tracker = self._trackers.get(role)
         data, ts = buf.consume(horizon)
@@ -245,6 +247,27 @@ class Aligner:
             tracker.feed(ts, data[:, 0])
 
     def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
+        if (
+            type(data) is np.ndarray
+            and type(timestamps) is np.ndarray
+            and data.shape == (1, self._n_rois)
+            and timestamps.shape == (1,)
+        ):  # one volume, the usual case: fewer numpy calls
+            t = float(timestamps.item(0))
+            self._volumes += 1
+            if not (math.isfinite(t) and t > self._last_emitted):
+                self._volumes_dropped += 1
+                return
+            roi = data[0].astype(np.float32)  # a copy: the caller may reuse its array
+            pend_t = self._pend_t
+            if not pend_t or t >= pend_t[-1]:
+                pend_t.append(t)
+                self._pend_roi.append(roi)
+            else:
+                k = bisect.bisect_right(pend_t, t)
+                pend_t.insert(k, t)
+                self._pend_roi.insert(k, roi)
+            return
         x = np.array(data, dtype=np.float32)  # a copy: the caller may reuse its array
         if x.ndim == 1:
             x = x[None, :]
@@ -333,16 +356,18 @@ class Aligner:
     def _emit(self, t: float, roi: np.ndarray, expired: bool) -> AlignedStep:
         notes: list[str] = []
         # ROI: replace non-finite values by the ROI's last finite value.
-        finite = np.isfinite(roi)
         n_bad = 0
-        if finite.all():
+        # one dot product is NaN or Inf when a value is (or, harmlessly, when it overflows)
+        if math.isfinite(roi.dot(roi)):
             self._last_roi = roi
         else:
+            finite = np.isfinite(roi)
             n_bad = int(roi.shape[0] - np.count_nonzero(finite))
-            roi = np.where(finite, roi, self._last_roi)
+            if n_bad:
+                roi = np.where(finite, roi, self._last_roi)
+                self._roi_nonfinite += n_bad
+                notes.append(f"fmri: {n_bad} non-finite ROI values replaced")
             self._last_roi = roi
-            self._roi_nonfinite += n_bad
-            notes.append(f"fmri: {n_bad} non-finite ROI values replaced")
         roi_valid = n_bad <= self._roi_limit
         if expired:
             self._steps_deadline += 1
@@ -399,7 +424,7 @@ class Aligner:
         for role, buf in self._buffers.items():
             tracker = self._trackers.get(role)
             streams[role.value] = StreamStats(
-                samples=self._pushed[role],
+                samples=buf.appended,
                 latest_timestamp=buf.latest_timestamp,
                 buffer_fill=buf.fill,
                 overflow=buf.overflow,

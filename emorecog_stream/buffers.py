@@ -20,10 +20,23 @@ Ordering policy (why: window queries and the streaming rate estimators need time
 Consumption: :meth:`consume` hands out the samples up to a time once, in order, and advances a
 read position; ``overflow`` counts samples that fell off the old end before they were consumed
 (a consumer too slow for the capacity), ``overwritten`` all samples that fell off.
+
+Deferred checks (why: the aligner pushes many small chunks per fMRI volume, and one numpy call
+costs about a microsecond, more than copying 25 samples). An append whose first and last
+timestamps are finite, in order and not older than the newest held sample is copied in at once;
+the check that the timestamps *inside* it are sorted and finite, and the dropping of consumed
+samples beyond the capacity, wait until the buffer is next read (any query, :meth:`consume`, a
+counter, or an append that needs the careful path). That check covers all chunks appended since
+in one vectorised comparison. If it fails, the chunks since the last check are taken out again
+and re-appended one by one through the careful path, so the contents and counters are exactly
+what appending them one by one with the full checks gives. The array is never enlarged: the fast
+path is only taken while the chunk fits before the end of the array and the drop it defers
+touches only consumed samples.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -46,51 +59,111 @@ class RingBuffer:
         self.dtype = np.dtype(dtype)
         self._data = np.empty((2 * self.capacity, self.n_channels), dtype=self.dtype)
         self._ts = np.empty(2 * self.capacity, dtype=np.float64)
-        self._start = 0  # valid region is [_start, _end)
+        self._start = 0  # valid region is [_start, _end) (may exceed capacity until settled)
         self._end = 0
         self._read = 0  # first unconsumed row (>= _start)
         self._consumed_t = -math.inf  # timestamp of the last consumed sample
-        self.appended = 0  # samples accepted
-        self.overwritten = 0  # samples that fell off the old end
-        self.overflow = 0  # ... of which had not been consumed yet
-        self.dropped_late = 0  # out-of-order samples older than the consumed position
-        self.dropped_bad_time = 0  # samples with a non-finite timestamp
-        self.reordered = 0  # chunks that had to be sorted or merged
+        self._newest = -math.inf  # timestamp of row _end - 1 (-inf when empty)
+        self._check_from = -1  # first row not yet checked for order (-1: all checked)
+        self._chunk_starts: list[int] = []  # starts of the unchecked chunks, for a repair
+        self._dirty = False  # an order check or a drop beyond the capacity is pending
+        self._appended = 0
+        self._overwritten = 0
+        self._overflow = 0
+        self._dropped_late = 0
+        self._dropped_bad_time = 0
+        self._reordered = 0
 
     # ------------------------------------------------------------------ state
     def __len__(self) -> int:
+        if self._dirty:
+            self._settle()
         return self._end - self._start
+
+    @property
+    def appended(self) -> int:
+        """Samples accepted."""
+        if self._dirty:
+            self._settle()
+        return self._appended
+
+    @property
+    def overwritten(self) -> int:
+        """Samples that fell off the old end."""
+        if self._dirty:
+            self._settle()
+        return self._overwritten
+
+    @property
+    def overflow(self) -> int:
+        """Samples that fell off the old end before :meth:`consume` handed them out."""
+        if self._dirty:
+            self._settle()
+        return self._overflow
+
+    @property
+    def dropped_late(self) -> int:
+        """Out-of-order samples at or before the consumed position (dropped)."""
+        if self._dirty:
+            self._settle()
+        return self._dropped_late
+
+    @property
+    def dropped_bad_time(self) -> int:
+        """Samples with a non-finite timestamp (dropped)."""
+        if self._dirty:
+            self._settle()
+        return self._dropped_bad_time
+
+    @property
+    def reordered(self) -> int:
+        """Chunks that had to be sorted or merged."""
+        if self._dirty:
+            self._settle()
+        return self._reordered
 
     @property
     def fill(self) -> float:
         """Fraction of the capacity in use (0..1)."""
+        if self._dirty:
+            self._settle()
         return (self._end - self._start) / self.capacity
 
     @property
     def latest_timestamp(self) -> float | None:
         """Timestamp of the newest sample, or None when empty."""
+        if self._dirty:
+            self._settle()
         return float(self._ts[self._end - 1]) if self._end > self._start else None
 
     @property
     def oldest_timestamp(self) -> float | None:
         """Timestamp of the oldest held sample, or None when empty."""
+        if self._dirty:
+            self._settle()
         return float(self._ts[self._start]) if self._end > self._start else None
 
     @property
     def unconsumed(self) -> int:
         """Samples not yet handed out by :meth:`consume`."""
+        if self._dirty:
+            self._settle()
         return self._end - self._read
 
     @property
     def consumed_timestamp(self) -> float:
         """Timestamp of the last consumed sample (``-inf`` before any)."""
+        if self._dirty:
+            self._settle()
         return self._consumed_t
 
     # ---------------------------------------------------------------- writing
     def append(self, data: np.ndarray, timestamps: np.ndarray) -> int:
         """Add a chunk: ``data`` (n, n_channels) or (n,) for one channel, ``timestamps`` (n,).
 
-        Returns how many samples were accepted (see the module docstring for the policy).
+        Returns how many samples were accepted (see the module docstring for the policy). For a
+        chunk that takes the fast path this is ``n`` at once; should the deferred check find
+        samples to drop, the counters say so.
         """
         ts = timestamps
         x = data
@@ -110,10 +183,42 @@ class RingBuffer:
             )
         if n == 0:
             return 0
+        t0 = ts.item(0)
+        t1 = ts.item(-1)
+        end = self._end
+        cap = self.capacity
+        # Fast path: ends finite and in order, not older than what we hold; the drop it defers
+        # (beyond the capacity) touches consumed rows only; no compaction needed. (t0 > -inf
+        # and t1 < inf with t0 <= t1 make both finite; a NaN fails every comparison.)
+        if (
+            t0 >= self._newest
+            and t0 > self._consumed_t
+            and t0 <= t1 < math.inf
+            and end + n <= 2 * cap
+            and end + n - cap <= self._read
+        ):
+            self._data[end : end + n] = x
+            self._ts[end : end + n] = ts
+            self._end = end + n
+            self._newest = t1
+            self._appended += n
+            if n > 2 or self._check_from >= 0:  # one or two samples: checked by the above
+                if self._check_from < 0:
+                    self._check_from = end
+                self._chunk_starts.append(end)
+            self._dirty = True
+            return n
+        if self._dirty:
+            self._settle()
+        return self._append_checked(x, ts)
+
+    def _append_checked(self, x: np.ndarray, ts: np.ndarray) -> int:
+        """Append with every check done now (nothing pending)."""
+        n = ts.shape[0]
         start, end = self._start, self._end
         t0 = ts.item(0)
-        # Fast path: finite, sorted, and newer than what we hold. A NaN/Inf inside the chunk
-        # makes some difference NaN or negative, so the min() test catches it too.
+        # Finite, sorted, and newer than what we hold? A NaN/Inf inside the chunk makes some
+        # difference NaN or negative, so the min() test catches it too.
         if (
             (end == start or t0 >= self._ts.item(end - 1))
             and t0 > self._consumed_t
@@ -121,16 +226,45 @@ class RingBuffer:
             and math.isfinite(ts.item(-1))
             and (n == 1 or (ts[1:] - ts[:-1]).min() >= 0.0)
         ):
-            cap = self.capacity
-            if end - start + n <= cap and end + n <= 2 * cap:  # no eviction, no compaction
-                self._data[end : end + n] = x
-                self._ts[end : end + n] = ts
-                self._end = end + n
-                self.appended += n
-            else:
-                self._write(x, ts)
+            self._write(x, ts)
             return n
         return self._append_slow(x, ts)
+
+    def _settle(self) -> None:
+        """Do the deferred work: check the order of the chunks appended on the fast path
+        (repairing if one was not in order), then drop rows beyond the capacity."""
+        self._dirty = False
+        c = self._check_from
+        if c >= 0:
+            e = self._end
+            ts = self._ts
+            # in order and finite (a NaN fails the comparison; the ends were checked)
+            if bool((ts[c + 1 : e] >= ts[c : e - 1]).all()):
+                self._check_from = -1
+                self._chunk_starts.clear()
+            else:
+                self._repair()
+        over = self._end - self._start - self.capacity
+        if over > 0:
+            self._drop_front(over)
+
+    def _repair(self) -> None:
+        """A fast-path chunk was not sorted or finite inside: take the unchecked chunks out and
+        append them again, one by one, with every check (the state before them is unchanged,
+        so the result is what checking each at its append would have given)."""
+        c, e = self._check_from, self._end
+        bounds = [*self._chunk_starts, e]
+        xs = self._data[c:e].copy()
+        tss = self._ts[c:e].copy()
+        self._check_from = -1
+        self._chunk_starts = []
+        self._appended -= e - c
+        self._end = c
+        self._newest = float(self._ts[c - 1]) if c > self._start else -math.inf
+        # (rows beyond the capacity are dropped by the first re-append: the deferred drop
+        # touched consumed rows only, so when it happens changes nothing else)
+        for a, b in itertools.pairwise(bounds):
+            self._append_checked(xs[a - c : b - c], tss[a - c : b - c])
 
     def _normalise(self, x: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ts = np.asarray(ts, dtype=np.float64)
@@ -151,11 +285,11 @@ class RingBuffer:
     def _append_slow(self, x: np.ndarray, ts: np.ndarray) -> int:
         good = np.isfinite(ts)
         if not good.all():
-            self.dropped_bad_time += int(ts.shape[0] - np.count_nonzero(good))
+            self._dropped_bad_time += int(ts.shape[0] - np.count_nonzero(good))
             x, ts = x[good], ts[good]
         fresh = ts > self._consumed_t
         if not fresh.all():
-            self.dropped_late += int(ts.shape[0] - np.count_nonzero(fresh))
+            self._dropped_late += int(ts.shape[0] - np.count_nonzero(fresh))
             x, ts = x[fresh], ts[fresh]
         n = ts.shape[0]
         if n == 0:
@@ -163,12 +297,12 @@ class RingBuffer:
         if n > 1 and not bool((ts[1:] >= ts[:-1]).all()):
             order = np.argsort(ts, kind="stable")
             x, ts = x[order], ts[order]
-            self.reordered += 1
+            self._reordered += 1
         if self._end == self._start or ts[0] >= self._ts[self._end - 1]:
             self._write(x, ts)
             return n
         # Merge into the unconsumed tail: rows from the first held sample newer than ts[0].
-        self.reordered += 1
+        self._reordered += 1
         lo = max(self._read, self._start)
         cut = lo + int(np.searchsorted(self._ts[lo : self._end], ts[0], side="right"))
         tail_x = self._data[cut : self._end].copy()
@@ -188,9 +322,9 @@ class RingBuffer:
         if n > cap:
             skip = n - cap
             self._drop_front(self._end - self._start)  # everything held falls off
-            self.overwritten += skip
-            self.overflow += skip  # never seen by a consumer
-            self.appended += skip
+            self._overwritten += skip
+            self._overflow += skip  # never seen by a consumer
+            self._appended += skip
             self._consumed_t = max(self._consumed_t, float(ts[skip - 1]))
             x, ts, n = x[skip:], ts[skip:], cap
         held = self._end - self._start
@@ -207,15 +341,16 @@ class RingBuffer:
         self._data[e : e + n] = x
         self._ts[e : e + n] = ts
         self._end = e + n
-        self.appended += n
+        self._newest = float(ts[-1])
+        self._appended += n
 
     def _drop_front(self, k: int) -> None:
         if k <= 0:
             return
         new_start = self._start + k
-        self.overwritten += k
+        self._overwritten += k
         if self._read < new_start:
-            self.overflow += new_start - self._read
+            self._overflow += new_start - self._read
             # unconsumed samples lost: consumers resume after them
             self._consumed_t = max(self._consumed_t, float(self._ts[new_start - 1]))
             self._read = new_start
@@ -224,21 +359,27 @@ class RingBuffer:
     # ---------------------------------------------------------------- reading
     def window(self, t_start: float, t_end: float) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the samples with ``t_start <= t <= t_end``: (data (m, ch), timestamps (m,))."""
+        if self._dirty:
+            self._settle()
         s, e = self._start, self._end
         ts = self._ts[s:e]
-        i0 = s + int(np.searchsorted(ts, t_start, side="left"))
-        i1 = s + int(np.searchsorted(ts, t_end, side="right"))
+        i0 = s + int(ts.searchsorted(t_start, side="left"))
+        i1 = s + int(ts.searchsorted(t_end, side="right"))
         return self._data[i0:i1].copy(), self._ts[i0:i1].copy()
 
     def latest(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the newest ``n`` samples (fewer when the buffer holds fewer)."""
+        if self._dirty:
+            self._settle()
         i0 = max(self._start, self._end - max(0, int(n)))
         return self._data[i0 : self._end].copy(), self._ts[i0 : self._end].copy()
 
     def value_at(self, t: float) -> tuple[np.ndarray, float] | None:
         """The sample at or just before ``t`` (a copy) with its timestamp; None if there is none."""
+        if self._dirty:
+            self._settle()
         s, e = self._start, self._end
-        i = s + int(np.searchsorted(self._ts[s:e], t, side="right")) - 1
+        i = s + int(self._ts[s:e].searchsorted(t, side="right")) - 1
         if i < s:
             return None
         return self._data[i].copy(), float(self._ts[i])
@@ -248,18 +389,23 @@ class RingBuffer:
 
         The returned arrays are views, valid until the next :meth:`append`.
         """
+        if self._dirty:
+            self._settle()
         r, e = self._read, self._end
         if r == e or self._ts[r] > t_end:
             return self._data[r:r], self._ts[r:r]
         if self._ts[e - 1] <= t_end:
             i = e
         else:
-            i = r + int(np.searchsorted(self._ts[r:e], t_end, side="right"))
+            i = r + int(self._ts[r:e].searchsorted(t_end, side="right"))
         self._read = i
         self._consumed_t = float(self._ts[i - 1])
         return self._data[r:i], self._ts[r:i]
 
     def clear(self) -> None:
         """Forget all samples (counters are kept)."""
+        if self._dirty:
+            self._settle()
         self._start = self._end = self._read = 0
         self._consumed_t = -math.inf
+        self._newest = -math.inf

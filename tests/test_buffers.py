@@ -161,3 +161,72 @@ def test_matches_a_naive_model_under_random_chunking(
             got = buf.consume(cut)[1].tolist()
             assert got == [x for x in held if consumed_upto < x <= cut]
             consumed_upto = max(consumed_upto, cut)
+
+
+def _state(buf: RingBuffer) -> tuple:
+    data, ts = buf.window(-np.inf, np.inf)
+    return (
+        data.tolist(),
+        ts.tolist(),
+        len(buf),
+        buf.unconsumed,
+        buf.consumed_timestamp,
+        buf.latest_timestamp,
+        buf.appended,
+        buf.overwritten,
+        buf.overflow,
+        buf.dropped_late,
+        buf.dropped_bad_time,
+        buf.reordered,
+    )
+
+
+_chunk = st.tuples(
+    st.integers(0, 12),  # size
+    st.sampled_from(["sorted", "sorted", "sorted", "shuffled", "nan", "older", "ties"]),
+    st.floats(-3.0, 3.0),  # start offset from the newest timestamp so far
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(1, 30),
+    ops=st.lists(
+        st.one_of(_chunk, st.just("check"), st.floats(-5.0, 40.0)),  # float: consume(t)
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_deferred_checks_give_what_checking_every_append_gives(capacity: int, ops: list) -> None:
+    """Appends on the fast path have their order checked, and the capacity applied, only when
+    the buffer is next read; the result must equal checking at every append (a reference that
+    settles right after each append), whatever the chunk: unsorted, NaN times, older, ties."""
+    lazy = RingBuffer(capacity, 1)
+    eager = RingBuffer(capacity, 1)
+    rng = np.random.default_rng(len(ops) * 7919 + capacity)
+    newest = 0.0
+    for op in ops:
+        if op == "check":
+            assert _state(lazy) == _state(eager)
+        elif isinstance(op, float):
+            a, b = lazy.consume(op), eager.consume(op)
+            assert a[1].tolist() == b[1].tolist() and a[0].tolist() == b[0].tolist()
+        else:
+            size, kind, offset = op
+            ts = newest + max(offset, 0.0) + np.arange(size) * 0.5
+            if kind == "shuffled":
+                rng.shuffle(ts)
+            elif kind == "nan" and size:
+                ts[rng.integers(size)] = np.nan
+            elif kind == "older":
+                ts = ts + offset - 2.0
+            elif kind == "ties":
+                ts = np.full(size, newest + max(offset, 0.0))
+            values = np.arange(size, dtype=np.float64) + 100 * len(ops)
+            got = lazy.append(values, ts)
+            want = eager.append(values, ts)
+            eager._settle()  # the reference checks everything at once
+            assert got >= want  # the fast path reports the chunk, later checks may drop some
+            if size and np.isfinite(ts).any():
+                newest = max(newest, float(np.nanmax(ts)))
+    assert _state(lazy) == _state(eager)
