@@ -45,13 +45,13 @@ second for respiration).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import butter, sosfilt, sosfilt_zi
+from scipy.signal import butter, lfilter, lfilter_zi, sos2tf, sosfilt, sosfilt_zi
 
 from emorecog_stream.messages import RateEstimate
 
@@ -116,39 +116,52 @@ RESPIRATION = RateMethod(
 )
 
 
-def _make_filter_kernel() -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None:
-    """scipy's compiled sosfilt loop, called without its Python wrapper (5x faster per call).
+_TF_TOLERANCE = 1e-5  # the single-call form must match the SOS cascade this closely
 
-    The wrapper's argument handling costs ~25 us per call, more than filtering 500 samples;
-    the aligner filters twice per fMRI volume. The kernel is private to scipy, so it is used
-    only if it exists and reproduces ``sosfilt`` bit for bit on a probe; otherwise the public
-    function is used (same results, slower).
+
+@functools.lru_cache(maxsize=32)
+def _design(
+    fs: float, low: float, high: float, order: int
+) -> tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...], np.ndarray]:
+    """The band-pass as ``(sos, stages, zi_unit)``; each stage is one public
+    ``scipy.signal.lfilter`` call with coefficients ``(b, a)``.
+
+    Why ``lfilter``: the tracker filters once per stream per fMRI volume, and ``sosfilt``'s
+    Python wrapper (argument checks, copies, axis moves) costs about 25 us per call, five times
+    ``lfilter``'s. Both run the same per-sample direct-form-II-transposed recurrence and return
+    the exact final state, so splitting the input anywhere gives bit-identical output.
+
+    One stage (the whole band-pass as one transfer function, one call) when it reproduces the
+    second-order-section cascade within ``_TF_TOLERANCE`` of the output on a probe (a sine at
+    the band centre on a large, stepping offset); the transfer-function form loses precision
+    when the band is very narrow relative to ``fs`` (e.g. respiration sampled at 250 Hz or
+    more), and then each section runs as its own stage, as ``sosfilt`` would.
     """
-    try:
-        from scipy.signal._sosfilt import _sosfilt  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - depends on the scipy build
-        return None
-
-    def kernel(sos: np.ndarray, x: np.ndarray, zi: np.ndarray) -> np.ndarray:
-        y = np.array(x, dtype=np.float64, order="C", ndmin=2)  # filtered in place
-        _sosfilt(sos, y, zi.reshape(1, *zi.shape))  # zi (sections, 2) updated in place
-        return y[0]
-
-    try:
-        sos = butter(2, (0.1, 0.3), btype="bandpass", output="sos")
-        probe = np.sin(np.arange(64.0)) + np.arange(64.0) * 0.01
-        zi0 = sosfilt_zi(sos) * probe[0]
-        want, want_zi = sosfilt(sos, probe, zi=zi0)
-        zi1 = zi0.copy()
-        got = kernel(sos, probe, zi1)
-        if np.array_equal(want, got) and np.array_equal(want_zi, zi1):
-            return kernel
-    except Exception:  # pragma: no cover - private API changed: fall back
-        pass
-    return None  # pragma: no cover
+    sos = butter(order, (low, high), btype="bandpass", fs=fs, output="sos")
+    b, a = sos2tf(sos)
+    n = int(min(20.0 / low * fs, 100_000))
+    t = np.arange(n, dtype=np.float64) / fs
+    probe = 1000.0 + np.sin(2.0 * np.pi * math.sqrt(low * high) * t)
+    probe[n // 2 :] += 1000.0
+    want = sosfilt(sos, probe, zi=sosfilt_zi(sos) * probe[0])[0]
+    tf_zi = lfilter_zi(b, a)
+    got = lfilter(b, a, probe, zi=tf_zi * probe[0])[0]
+    scale = float(np.max(np.abs(want[n // 4 : n // 2])))
+    if float(np.max(np.abs(got - want))) <= _TF_TOLERANCE * scale:
+        stages: tuple[tuple[np.ndarray, np.ndarray], ...] = ((b, a),)
+        zi_unit = tf_zi
+    else:
+        stages = tuple((sec[:3].copy(), sec[3:].copy()) for sec in sos)
+        zi_unit = sosfilt_zi(sos).reshape(-1)
+    for arr in (zi_unit, *(c for stage in stages for c in stage)):
+        arr.setflags(write=False)  # shared between trackers through the cache
+    return sos, stages, zi_unit
 
 
-_FILTER_KERNEL = _make_filter_kernel()
+_SUB = np.subtract
+_MAX = np.maximum.reduce  # the ufunc's reduce directly: less call overhead than ndarray.max
+_GT = np.greater
+_NE = np.not_equal
 
 _EMA_ALPHA = 0.25  # weight of a new accepted peak height in the running mean height
 _EMA_REJECTED = 0.05  # ... and of a rejected (too small) lobe
@@ -183,9 +196,16 @@ class PeakRateTracker:
         self.window_s = float(window_s if window_s is not None else method.window_s)
         if not self.window_s > 0:
             raise ValueError(f"{method.name}: window must be > 0 s, got {self.window_s}")
-        self._sos = butter(method.filter_order, (low, high), btype="bandpass", fs=fs, output="sos")
-        self._zi_unit = sosfilt_zi(self._sos)
+        sos, self._stages, self._zi_unit = _design(
+            float(fs), float(low), float(high), int(method.filter_order)
+        )
+        self._sos = sos.copy()  # the second-order sections, for reference
         self._gap = max(method.gap_s, 3.0 / fs)
+        # scratch space for the per-call temporaries of the common path (grows to the largest
+        # run fed, which the ring buffer bounds)
+        self._scratch = np.empty(0, dtype=np.float64)
+        self._pos = np.empty(0, dtype=bool)
+        self._change = np.empty(0, dtype=bool)
         self._zi: np.ndarray | None = None  # None: the filter restarts at the next good sample
         self._last_t = -math.inf  # timestamp of the last processed sample
         # Lobe state: armed once the filtered signal has been <= 0 since the (re)start.
@@ -204,6 +224,9 @@ class PeakRateTracker:
         self._cum_s: list[float] = []
         self._cum_s2: list[float] = []
         self._ivl: list[float] = []  # interval ending at peak k (NaN: first of its segment)
+        self._version = 0  # changes with every change to the peak lists
+        # the last estimate and what it depended on: (version, i0, i1, coverage fraction)
+        self._cached: tuple[tuple[int, int, int, float], RateEstimate] | None = None
         # Data segments [(start, end)] for coverage, most recent last.
         self._spans: list[list[float]] = []
         self.samples = 0  # good samples processed
@@ -249,13 +272,25 @@ class PeakRateTracker:
             return
         gap = self._gap
         last = self._last_t
+        zi = self._zi
+        if zi is not None and n > 1 and ts.item(0) - last <= gap:
+            # The common case, with as few numpy calls as possible: the run goes on.
+            if n > self._scratch.shape[0]:
+                self._grow_scratch(n)
+            if _MAX(_SUB(ts[1:], ts[:-1], out=self._scratch[: n - 1])) <= gap:
+                y, zf = self._filter(x, zi)
+                # a bad sample makes the state NaN for good (inf - inf, 0 * inf): the sum of
+                # the state is then not finite
+                if math.isfinite(sum(zf.tolist())):
+                    self._scan(ts, y, zf, False)
+                    return
         if n > 1:
             dt = ts[1:] - ts[:-1]
             contiguous = dt.max() <= gap
         else:
             dt = None
             contiguous = True
-        first_ok = last == -math.inf or ts[0] - last <= gap
+        first_ok = last == -math.inf or ts.item(0) - last <= gap
         if contiguous and self._try_run(ts, x, gap_before=not first_ok):
             return
         # Slow path: split at non-finite samples and gaps.
@@ -283,6 +318,12 @@ class PeakRateTracker:
                 self._break(gap=True)
             self._run(ts[start:], x[start:])
 
+    def _grow_scratch(self, n: int) -> None:
+        size = max(n, 2 * self._scratch.shape[0], 64)
+        self._scratch = np.empty(size, dtype=np.float64)
+        self._pos = np.empty(size, dtype=bool)
+        self._change = np.empty(size, dtype=bool)
+
     def _break(self, gap: bool) -> None:
         """End the current segment: restart the filter, drop the lobe in progress."""
         if gap:
@@ -295,10 +336,16 @@ class PeakRateTracker:
         self._lobe_max = -math.inf
 
     def _filter(self, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if _FILTER_KERNEL is not None:
-            return _FILTER_KERNEL(self._sos, x, zi), zi  # zi updated in place
-        y, zi = sosfilt(self._sos, x, zi=zi)  # pragma: no cover - scipy without the kernel
-        return y, zi  # pragma: no cover
+        """Band-pass ``x`` from state ``zi``: (output, final state); ``zi`` is not changed."""
+        stages = self._stages
+        if len(stages) == 1:
+            b, a = stages[0]
+            return lfilter(b, a, x, zi=zi)
+        zf = np.empty_like(zi)
+        y = x
+        for k, (b, a) in enumerate(stages):
+            y, zf[2 * k : 2 * k + 2] = lfilter(b, a, y, zi=zi[2 * k : 2 * k + 2])
+        return y, zf
 
     def _try_run(self, ts: np.ndarray, x: np.ndarray, gap_before: bool) -> bool:
         """Filter a contiguous run; False, with no state changed, if a sample is not finite.
@@ -307,9 +354,11 @@ class PeakRateTracker:
         checking the four state values afterwards replaces a pass over the samples.
         """
         restart = gap_before or self._zi is None
-        zi = self._zi_unit * x[0] if restart else self._zi.copy()
+        zi = self._zi_unit * x[0] if restart else self._zi
         y, zi = self._filter(x, zi)
-        if not math.isfinite(zi.item(0)):  # a bad sample reaches the first state for good
+        # a bad sample makes the state NaN for good (inf - inf, 0 * inf); a NaN or Inf in the
+        # state makes the sum non-finite
+        if not math.isfinite(sum(zi.tolist())):
             return False
         if gap_before:
             self._break(gap=True)
@@ -322,35 +371,40 @@ class PeakRateTracker:
         zi = self._zi_unit * x[0] if restart else self._zi
         y, zi = self._filter(x, zi)
         self._scan(ts, y, zi, restart)
+        if not math.isfinite(sum(zi.tolist())):  # finite samples so large the state overflowed
+            self._break(gap=False)
 
     def _scan(self, ts: np.ndarray, y: np.ndarray, zi: np.ndarray, restart: bool) -> None:
         """Record a filtered run and find the lobes (peaks) in it."""
         self._zi = zi
-        t_end = float(ts[-1])
+        t_end = ts.item(-1)
         if restart:
-            self._spans.append([float(ts[0]), t_end])
+            self._spans.append([ts.item(0), t_end])
         else:
             self._spans[-1][1] = t_end
         self._last_t = t_end
-        self.samples += y.shape[0]
-        pos = y > 0.0
         n = y.shape[0]
-        change = (pos[1:] != pos[:-1]).nonzero()[0]
-        change += 1
-        bounds = [0, *change.tolist(), n]
-        first_pos = bool(pos[0])
+        self.samples += n
+        if n > self._pos.shape[0]:
+            self._grow_scratch(n)
+        pos = _GT(y, 0.0, out=self._pos[:n])
+        # sign changes: positive and non-positive segments alternate between these bounds
+        change = _NE(pos[1:], pos[:-1], out=self._change[: n - 1]).nonzero()[0].tolist()
+        bounds = [0, *[c + 1 for c in change], n]
+        first_pos = y.item(0) > 0.0
         if self._in_lobe and not first_pos:
             # the lobe carried over from the previous call ended right at the call boundary
             self._in_lobe = False
             self._accept(self._lobe_t, self._lobe_max)
         # Segment k spans bounds[k]:bounds[k+1]; positive segments alternate.
-        for k in range(0 if first_pos else 1, len(bounds) - 1, 2):
+        last = len(bounds) - 2
+        for k in range(0 if first_pos else 1, last + 1, 2):
             s, e = bounds[k], bounds[k + 1]
-            j = s + int(y[s:e].argmax())
-            height = float(y[j])
+            j = s + int(y[s:e].argmax()) if e - s > 1 else s
+            height = y.item(j)
             if k == 0 and self._in_lobe:
                 if height > self._lobe_max:
-                    self._lobe_max, self._lobe_t = height, float(ts[j])
+                    self._lobe_max, self._lobe_t = height, ts.item(j)
             elif k == 0 and not self._armed:
                 # the lobe the (re)start fell into: its beginning was not seen
                 self._in_lobe = False
@@ -359,16 +413,16 @@ class PeakRateTracker:
                 continue
             else:
                 self._armed = True
-                self._lobe_max, self._lobe_t = height, float(ts[j])
+                self._lobe_max, self._lobe_t = height, ts.item(j)
             if e < n:
                 self._in_lobe = False
                 self._accept(self._lobe_t, self._lobe_max)
             else:
                 self._in_lobe = True
-        if not pos[-1]:
+        if not y.item(-1) > 0.0:
             self._in_lobe = False
             self._armed = True
-        elif not first_pos or len(bounds) > 2:
+        elif not first_pos or last > 0:
             self._armed = True
 
     def _accept(self, t: float, height: float) -> None:
@@ -411,6 +465,7 @@ class PeakRateTracker:
         self._cum_n.append(n0)
         self._cum_s.append(s0)
         self._cum_s2.append(q0)
+        self._version += 1
         if len(self._peak_t) > 64 and t - self._peak_t[32] > self.window_s + _KEEP_PEAKS_S:
             self._prune(t)
 
@@ -419,6 +474,7 @@ class PeakRateTracker:
             lst.pop()
         self._cum_s2.pop()
         self._ivl.pop()
+        self._version += 1
 
     def _prune(self, t: float) -> None:
         cut = bisect.bisect_left(self._peak_t, t - self.window_s - _KEEP_PEAKS_S)
@@ -426,6 +482,7 @@ class PeakRateTracker:
             del lst[:cut]
         del self._cum_s2[:cut]
         del self._ivl[:cut]
+        self._version += 1
         keep_from = t - self.window_s - _KEEP_PEAKS_S
         while len(self._spans) > 1 and self._spans[0][1] < keep_from:
             self._spans.pop(0)
@@ -451,6 +508,18 @@ class PeakRateTracker:
         pt = self._peak_t
         i0 = bisect.bisect_left(pt, t - self.window_s)
         i1 = bisect.bisect_right(pt, t) - 1
+        # Consecutive volumes often see the same peaks (a breath spans several TRs): then the
+        # answer is the same, as it depends only on these peaks and on the coverage.
+        key = (self._version, i0, i1, min(1.0, cover))
+        cached = self._cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        est = self._estimate(i0, i1, cover)
+        self._cached = (key, est)
+        return est
+
+    def _estimate(self, i0: int, i1: int, cover: float) -> RateEstimate:
+        m = self.method
         if i1 <= i0:
             return RateEstimate(None, 0.0, f"{m.name}: fewer than 2 peaks in the window")
         count = self._cum_n[i1] - self._cum_n[i0]
