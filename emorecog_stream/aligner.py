@@ -242,9 +242,9 @@ class Aligner:
             return
         horizon = self._pend_t[0] if self._pend_t else newest - self._deadline
         tracker = self._trackers.get(role)
-        data, ts = buf.consume(horizon)
+        data, ts, max_step = buf.consume_with_steps(horizon)
         if tracker is not None and ts.shape[0]:
-            tracker.feed(ts, data[:, 0])
+            tracker.feed(ts, data[:, 0], max_step)
 
     def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
         if (
@@ -340,15 +340,13 @@ class Aligner:
         """Emit every waiting volume now (end of a recording or of a session)."""
         return self.poll(math.inf)
 
-    def _estimate(self, role: Role, t: float, notes: list[str]) -> RateEstimate | None:
-        tracker = self._trackers.get(role)
-        if tracker is None:
-            return None
-        buf = self._buffers[role]
+    def _estimate(self, role: Role, t: float, notes: list[str]) -> RateEstimate:
+        """Feed the tracker the samples up to ``t`` not fed yet, then ask it for the rate."""
+        tracker = self._trackers[role]
         nonfinite = tracker.nonfinite
-        data, ts = buf.consume(t)
+        data, ts, max_step = self._buffers[role].consume_with_steps(t)
         if ts.shape[0]:
-            tracker.feed(ts, data[:, 0])  # the buffer gives sorted, finite timestamps
+            tracker.feed(ts, data[:, 0], max_step)  # sorted, finite timestamps
         if tracker.nonfinite != nonfinite:
             notes.append(f"{role.value}: {tracker.nonfinite - nonfinite} non-finite samples")
         return tracker.estimate(t)
@@ -373,10 +371,13 @@ class Aligner:
             self._steps_deadline += 1
             late = [r.value for r in self._expected if self._latest[r] < t]
             notes.append("deadline passed waiting for " + ", ".join(late))
-        hr = self._estimate(Role.PPG, t, notes)
-        rr = self._estimate(Role.RESP, t, notes)
-        hr_v, hr_q, hr_src = _unpack(hr, "ppg", notes)
-        rr_v, rr_q, rr_src = _unpack(rr, "resp", notes)
+        trackers = self._trackers
+        hr_v, hr_q, hr_src = math.nan, 0.0, ""
+        rr_v, rr_q, rr_src = math.nan, 0.0, ""
+        if Role.PPG in trackers:
+            hr_v, hr_q, hr_src = _unpack(self._estimate(Role.PPG, t, notes), "ppg", notes)
+        if Role.RESP in trackers:
+            rr_v, rr_q, rr_src = _unpack(self._estimate(Role.RESP, t, notes), "resp", notes)
         rates = self._buffers.get(Role.RATES)
         if rates is not None:
             rates.consume(t)  # used: later samples for before t are late
@@ -445,9 +446,7 @@ class Aligner:
         )
 
 
-def _unpack(est: RateEstimate | None, source: str, notes: list[str]) -> tuple[float, float, str]:
-    if est is None:
-        return math.nan, 0.0, ""
+def _unpack(est: RateEstimate, source: str, notes: list[str]) -> tuple[float, float, str]:
     if est.value is None:
         notes.append(est.reason)
         return math.nan, 0.0, ""

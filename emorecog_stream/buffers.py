@@ -44,6 +44,9 @@ import numpy as np
 __all__ = ["RingBuffer"]
 
 _F8 = np.dtype(np.float64)
+_SUB = np.subtract
+_MIN = np.minimum.reduce  # the ufuncs' reduce directly: less call overhead than ndarray.min
+_MAX = np.maximum.reduce
 
 
 class RingBuffer:
@@ -59,6 +62,11 @@ class RingBuffer:
         self.dtype = np.dtype(dtype)
         self._data = np.empty((2 * self.capacity, self.n_channels), dtype=self.dtype)
         self._ts = np.empty(2 * self.capacity, dtype=np.float64)
+        # _dt[k] = _ts[k] - _ts[k - 1] for rows k in [_dt_from, _dt_to): the order check
+        # computes these steps anyway, and a consumer can reuse them (see max_step)
+        self._dt = np.empty(2 * self.capacity, dtype=np.float64)
+        self._dt_from = 0
+        self._dt_to = 0
         self._start = 0  # valid region is [_start, _end) (may exceed capacity until settled)
         self._end = 0
         self._read = 0  # first unconsumed row (>= _start)
@@ -206,6 +214,11 @@ class RingBuffer:
                 if self._check_from < 0:
                     self._check_from = end
                 self._chunk_starts.append(end)
+            elif self._dt_to == end > self._start:  # keep the steps of a checked run going
+                self._dt[end] = t0 - self._ts.item(end - 1)
+                if n == 2:
+                    self._dt[end + 1] = t1 - t0
+                self._dt_to = end + n
             self._dirty = True
             return n
         if self._dirty:
@@ -237,11 +250,15 @@ class RingBuffer:
         c = self._check_from
         if c >= 0:
             e = self._end
+            lo = c if c > self._start else c + 1  # steps from the row before, if held
             ts = self._ts
-            # in order and finite (a NaN fails the comparison; the ends were checked)
-            if bool((ts[c + 1 : e] >= ts[c : e - 1]).all()):
+            # in order and finite: no step negative or NaN (NaN propagates through the min)
+            if e <= lo or _MIN(_SUB(ts[lo:e], ts[lo - 1 : e - 1], out=self._dt[lo:e])) >= 0.0:
                 self._check_from = -1
                 self._chunk_starts.clear()
+                if self._dt_to != lo:
+                    self._dt_from = lo
+                self._dt_to = e
             else:
                 self._repair()
         over = self._end - self._start - self.capacity
@@ -258,6 +275,7 @@ class RingBuffer:
         tss = self._ts[c:e].copy()
         self._check_from = -1
         self._chunk_starts = []
+        self._dt_from = self._dt_to = 0
         self._appended -= e - c
         self._end = c
         self._newest = float(self._ts[c - 1]) if c > self._start else -math.inf
@@ -317,6 +335,7 @@ class RingBuffer:
         return n
 
     def _write(self, x: np.ndarray, ts: np.ndarray) -> None:
+        self._dt_from = self._dt_to = 0  # rows move or are written without their steps
         n = ts.shape[0]
         cap = self.capacity
         if n > cap:
@@ -402,10 +421,25 @@ class RingBuffer:
         self._consumed_t = float(self._ts[i - 1])
         return self._data[r:i], self._ts[r:i]
 
+    def consume_with_steps(self, t_end: float) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """:meth:`consume`, plus the largest step between consecutive handed-out timestamps
+        when the order check has already computed those steps (else None; ``-inf`` for fewer
+        than two samples). Why: a rate tracker looks for timestamp gaps in exactly these
+        samples, and this saves it a pass."""
+        data, ts = self.consume(t_end)
+        i = self._read
+        r = i - ts.shape[0]
+        if i - r < 2:
+            return data, ts, -math.inf
+        if self._dt_from <= r + 1 and i <= self._dt_to:
+            return data, ts, float(_MAX(self._dt[r + 1 : i]))
+        return data, ts, None
+
     def clear(self) -> None:
         """Forget all samples (counters are kept)."""
         if self._dirty:
             self._settle()
         self._start = self._end = self._read = 0
+        self._dt_from = self._dt_to = 0
         self._consumed_t = -math.inf
         self._newest = -math.inf

@@ -263,10 +263,12 @@ class PeakRateTracker:
             ts, x = ts[keep], x[keep]
         self.feed(ts, x)
 
-    def feed(self, ts: np.ndarray, x: np.ndarray) -> None:
+    def feed(self, ts: np.ndarray, x: np.ndarray, max_step: float | None = None) -> None:
         """:meth:`update` for callers that guarantee float64 1-D arrays with finite,
         non-decreasing timestamps, none older than :attr:`last_timestamp` (the ring buffer's
-        ``consume`` does). Repeated timestamps are processed like any other sample."""
+        ``consume`` does). Repeated timestamps are processed like any other sample.
+        ``max_step``: the largest step between consecutive ``ts`` if the caller knows it
+        (:meth:`RingBuffer.consume_with_steps`), to save a pass."""
         n = x.shape[0]
         if n == 0:
             return
@@ -275,9 +277,11 @@ class PeakRateTracker:
         zi = self._zi
         if zi is not None and n > 1 and ts.item(0) - last <= gap:
             # The common case, with as few numpy calls as possible: the run goes on.
-            if n > self._scratch.shape[0]:
-                self._grow_scratch(n)
-            if _MAX(_SUB(ts[1:], ts[:-1], out=self._scratch[: n - 1])) <= gap:
+            if max_step is None:
+                if n > self._scratch.shape[0]:
+                    self._grow_scratch(n)
+                max_step = _MAX(_SUB(ts[1:], ts[:-1], out=self._scratch[: n - 1]))
+            if max_step <= gap:
                 y, zf = self._filter(x, zi)
                 # a bad sample makes the state NaN for good (inf - inf, 0 * inf): the sum of
                 # the state is then not finite
