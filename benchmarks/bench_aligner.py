@@ -1,8 +1,9 @@
 """Aligner throughput: aligned steps per second, PPG 500 Hz + respiration 50 Hz in random chunks.
 
 A synthetic session (TR 1 s) is cut into random chunks per stream, the chunks are ordered by a
-simulated arrival time (last sample's timestamp + random latency), and each chunk is pushed
-followed by a poll, as the engine does. Only push/poll is timed (chunking happens before).
+simulated arrival time (last sample's timestamp + up to 50 ms latency, each stream in order, as
+LSL delivers it), and each chunk is pushed followed by a poll, as the engine does. Only
+push/poll is timed (chunking happens before).
 Runs on one core: BLAS/OpenMP threads are pinned to 1 before numpy is imported.
 
 Usage: ``python benchmarks/bench_aligner.py [--volumes N] [--repeats R] [--chunk-s S]``.
@@ -47,11 +48,14 @@ def make_feed(volumes: int, chunk_s: float, seed: int) -> tuple[list, object]:
         per_s = stream.nominal_srate
         hi = max(2, round(2 * chunk_s * per_s))  # sizes uniform on 1..2*mean
         i = 0
+        arrival = -np.inf
         while i < n:
             k = int(rng.integers(1, hi + 1)) if role is not Role.FMRI else 1
             j = min(n, i + k)
             ts = stream.timestamps[i:j]
-            arrival = float(ts[-1]) + float(rng.uniform(0.0, 0.05))
+            # latency up to 50 ms, but never before the stream's previous chunk: LSL delivers
+            # each stream in order (chunks of different streams interleave freely)
+            arrival = max(arrival, float(ts[-1]) + float(rng.uniform(0.0, 0.05)))
             chunks.append((arrival, role, stream.data[i:j], ts))
             i = j
     chunks.sort(key=lambda c: c[0])

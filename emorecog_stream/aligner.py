@@ -130,6 +130,7 @@ class Aligner:
         cfg = self.config
         self._expected = cfg.expected
         self._deadline = float(cfg.deadline_s)
+        self._max_pending = int(cfg.max_pending)
         self._n_rois = int(cfg.n_rois)
         self._pend_t: list[float] = []
         self._pend_roi: list[np.ndarray] = []
@@ -212,16 +213,17 @@ class Aligner:
 
         Raises ValueError naming the stream, the expected and the received shape on bad input.
         """
-        if type(role) is not Role:
+        buf = self._buffers.get(role)  # physiology and rates: the hot path
+        if buf is None:  # fMRI, a first chunk, a role given as a string, or a bad role
             role = Role(role)
-        if role is Role.FMRI:
-            self._push_fmri(data, timestamps)
-            return
-        buf = self._buffers.get(role)
-        if buf is None:
+            if role is Role.FMRI:
+                self._push_fmri(data, timestamps)
+                return
             if role is Role.MARKERS:
                 raise ValueError("markers are not aligned: pass them to the engine")
             buf = self._buffer(role)
+        elif type(role) is not Role:
+            role = Role(role)
         try:
             buf.append(data, timestamps)
         except ValueError as exc:
@@ -317,11 +319,16 @@ class Aligner:
             return []
         if now != now:
             raise ValueError("poll: now must be a time in seconds, got NaN")
-        out: list[AlignedStep] = []
         latest = self._latest
         expected = self._expected
         deadline = self._deadline
-        force = len(pend_t) - int(self.config.max_pending)
+        force = len(pend_t) - self._max_pending
+        t = pend_t[0]
+        if force <= 0 and now < t + deadline:  # the usual answer: still waiting
+            for r in expected:
+                if latest[r] < t:
+                    return []
+        out: list[AlignedStep] = []
         while pend_t:
             t = pend_t[0]
             ready = True

@@ -1,8 +1,9 @@
 """Heart rate from PPG and respiration rate from a respiration belt, offline and streaming.
 
-Method: a causal Butterworth band-pass (``scipy.signal.sosfilt`` with its state carried between
-calls), then one peak per positive lobe of the band-passed signal, then the rate from the mean
-beat (breath) interval of the peaks inside the window.
+Method: a causal Butterworth band-pass (public ``scipy.signal.lfilter`` with its state carried
+between calls; see :func:`_design` for why not ``sosfilt``), then one peak per positive lobe of
+the band-passed signal, then the rate from the mean beat (breath) interval of the peaks inside
+the window.
 
 Why band-pass + peaks rather than a spectrum: the streaming engine needs a rate at every fMRI
 volume (20,000 volumes/s is the throughput target), so the per-volume cost must be O(new samples).
