@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from emorecog_stream.aligner import Aligner, AlignerConfig
 from emorecog_stream.config import Config
 from emorecog_stream.messages import AlignedStep, Prediction
 from emorecog_stream.model.api import StreamingModel
@@ -190,7 +191,12 @@ class Engine:
         if role is Role.FMRI and nominal_rate > 0:
             self.session.set_nominal_tr(self.time_scale / nominal_rate)
         if role in (Role.PPG, Role.RESP) and nominal_rate > 0:
-            self.aligner.set_srate(role, nominal_rate / self.time_scale)
+            try:
+                self.aligner.set_srate(role, nominal_rate / self.time_scale)
+            except ValueError as exc:
+                # a stream that reconnects declaring another rate: its samples already in
+                # the buffer were taken at the first one, which stays in use
+                log.warning("%s: %s", label_of(role), exc)
             self._set_waiting()
 
     def stream_absent(self, role: Role, reason: str) -> None:
@@ -399,7 +405,7 @@ class Engine:
         waiting = [
             r
             for r in self.physio_roles
-            if r not in self.status.stalled and self.aligner.can_expect(r)
+            if r not in self.status.stalled and srate_known(self.aligner, r)
         ]
         self.aligner.set_expected(waiting)
 
@@ -528,45 +534,14 @@ class Engine:
                 log.exception("output %r failed to close", output)
 
 
-def make_aligner(config: Config) -> Any:
+def make_aligner(config: Config) -> Aligner:
     """The core aligner configured from the ``[aligner]`` section and the enabled streams.
 
     Sampling rates of PPG and respiration come from ``[streams.*] rate`` when given, else from
-    the streams' declared rates once they are resolved (:meth:`Engine.register_stream`).
+    the streams' declared rates once they are resolved (:meth:`Engine.register_stream` calls
+    the aligner's public ``set_srate``); which streams a step waits for changes with
+    ``set_expected`` as streams stall and return (:meth:`Engine._set_waiting`).
     """
-    from emorecog_stream.aligner import Aligner, AlignerConfig
-
-    class EngineAligner(Aligner):
-        """The core aligner plus the two things a live engine changes while running.
-
-        ``set_srate``: a physiology stream's rate is known only once it is resolved (which
-        may be after start). ``set_expected``: a stream found stalled is not waited for, so
-        predictions go on at once with its rate missing instead of each waiting for the
-        deadline. (Both reach into the aligner's configuration; the aligner reads them when
-        a buffer is created and in ``poll``.)
-        """
-
-        def set_srate(self, role: Role, fs: float) -> None:
-            key = "ppg_srate" if role is Role.PPG else "resp_srate"
-            if role in self._buffers or getattr(self.config, key) == fs:
-                return
-            self.config = replace(self.config, **{key: fs})
-
-        def can_expect(self, role: Role) -> bool:
-            """Whether the aligner can wait for ``role`` (its sampling rate is known)."""
-            if role is Role.PPG:
-                return self.config.ppg_srate is not None
-            if role is Role.RESP:
-                return self.config.resp_srate is not None
-            return True
-
-        def set_expected(self, roles: Sequence[Role]) -> None:
-            self._expected = tuple(roles)
-
-        @property
-        def expected(self) -> tuple[Role, ...]:
-            return tuple(self._expected)
-
     ppg_srate = config.streams.ppg.rate or None
     resp_srate = config.streams.resp.rate or None
     known = {Role.PPG: ppg_srate is not None, Role.RESP: resp_srate is not None, Role.RATES: True}
@@ -579,7 +554,17 @@ def make_aligner(config: Config) -> Any:
         ppg_srate=ppg_srate,
         resp_srate=resp_srate,
     )
-    return EngineAligner(aligner_config)
+    return Aligner(aligner_config)
+
+
+def srate_known(aligner: Aligner, role: Role) -> bool:
+    """Whether the aligner can wait for ``role``: its sampling rate is known (rates and fMRI
+    need none). ``Aligner.set_expected`` refuses a physiology role whose rate is not."""
+    if role is Role.PPG:
+        return aligner.config.ppg_srate is not None
+    if role is Role.RESP:
+        return aligner.config.resp_srate is not None
+    return True
 
 
 def label_of(role: Role) -> str:
