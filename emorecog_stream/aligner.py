@@ -214,7 +214,7 @@ class Aligner:
         Raises ValueError naming the stream, the expected and the received shape on bad input.
         """
         buf = self._buffers.get(role)  # physiology and rates: the hot path
-        if buf is None:  # fMRI, a first chunk, a role given as a string, or a bad role
+        if buf is None:  # fMRI, a stream's first chunk, or not a role
             role = Role(role)
             if role is Role.FMRI:
                 self._push_fmri(data, timestamps)
