@@ -31,7 +31,8 @@ in one vectorised comparison. If it fails, the chunks since the last check are t
 and re-appended one by one through the careful path, so the contents and counters are exactly
 what appending them one by one with the full checks gives. The array is never enlarged: the fast
 path is only taken while the chunk fits before the end of the array and the drop it defers
-touches only consumed samples.
+touches only consumed samples. As reads may finish this deferred work, a buffer is for one
+thread.
 """
 
 from __future__ import annotations
