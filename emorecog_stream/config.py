@@ -13,7 +13,8 @@ Layout (see ``examples/config.toml`` for a documented example)::
     [streams.fmri] / [streams.ppg] / [streams.resp] / [streams.rates] / [streams.markers]
                 enabled, name, type, source_id, channels, rate, rate_tolerance
     [aligner]   hr_window, rr_window, deadline
-    [engine]    reset_gap_trs, tr, stall_timeout, fmri_stall_trs, resolve_timeout
+    [engine]    reset_gap_trs, tr, stall_timeout, fmri_stall_trs, resolve_timeout,
+                model_thread
     [mqtt]      url, username, password_env, password_file, tls_ca, tls_cert, tls_key,
                 tls_insecure, client_id, topic_prefix, queue_size, message_expiry
     [model]     path
@@ -47,6 +48,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 class ConfigError(ValueError):
     """A configuration mistake; the message says where, what was expected and what was found."""
 
+
+MODEL_THREAD_CHOICES = ("auto", "always", "never")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -172,7 +175,10 @@ class EngineSettings:
     ``stall_timeout``: seconds without physiology samples before the stream is called stalled
     (predictions go on, status degraded). ``fmri_stall_trs``: TRs without a volume before the
     status says predictions are paused. ``resolve_timeout``: seconds to wait for each stream at
-    start before giving up (fMRI) or running without it (physiology).
+    start before giving up (fMRI) or running without it (physiology). ``model_thread``: where
+    model steps run: ``auto`` (the light NumPy stepper inline on the event loop, any other
+    model, or one whose steps take over 2 ms, in one worker thread so a slow step does not hold
+    up arriving chunks), ``always`` or ``never``.
     """
 
     reset_gap_trs: float = 3.0
@@ -180,6 +186,7 @@ class EngineSettings:
     stall_timeout: float = 2.0
     fmri_stall_trs: float = 2.5
     resolve_timeout: float = 10.0
+    model_thread: str = "auto"
 
     def check(self, section: str) -> None:
         _positive(section, "reset_gap_trs", self.reset_gap_trs)
@@ -188,6 +195,11 @@ class EngineSettings:
         _positive(section, "stall_timeout", self.stall_timeout)
         _positive(section, "fmri_stall_trs", self.fmri_stall_trs)
         _positive(section, "resolve_timeout", self.resolve_timeout)
+        if self.model_thread not in MODEL_THREAD_CHOICES:
+            choices = ", ".join(repr(c) for c in MODEL_THREAD_CHOICES)
+            raise ConfigError(
+                f"[{section}] model_thread: expected one of {choices}, found {self.model_thread!r}"
+            )
 
 
 @dataclass

@@ -15,6 +15,9 @@ Why it is shaped like this:
   ``degraded`` with the reason; a stalled fMRI stream pauses predictions (``paused``). A chunk
   that does not fit (wrong channel count, wrong shape) is rejected and reported, never a crash;
   non-finite ROI values are replaced by the aligner and flagged.
+* **Slow models off the loop.** The shipped NumPy stepper (~0.04 ms) steps inline; any other
+  model (Keras v1: ~55 ms a step) steps in one worker thread, in order, and its predictions are
+  numbered and published in that order when they come back (``[engine] model_thread``).
 * **Outputs never block.** Every :class:`Output` takes a prediction synchronously and queues
   the slow part (network, terminal) itself; latency is measured from the moment the step became
   ready (the chunk that completed it arrived, or its deadline fell) to the hand-off.
@@ -26,7 +29,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -35,7 +41,7 @@ import numpy as np
 from emorecog_stream.aligner import Aligner, AlignerConfig
 from emorecog_stream.config import Config
 from emorecog_stream.messages import AlignedStep, Prediction
-from emorecog_stream.model.api import StreamingModel
+from emorecog_stream.model.api import StepOutput, StreamingModel
 from emorecog_stream.session_state import (
     ROLE_LABEL,
     ROLE_RATES,
@@ -95,6 +101,29 @@ class EngineCounters:
     model_errors: int = 0
     deadline_steps: int = 0
     markers: int = 0
+
+
+#: Model steps slower than this (seconds, three in a row) move to the model thread under "auto".
+SLOW_STEP_S = 0.002
+
+
+def is_light_stepper(stepper: Any) -> bool:
+    """The shipped EmoRecog-Net's NumPy stepper (~0.04 ms a step): stepping it inline costs
+    less than a hop to a thread and back. Any other stepper is assumed heavy."""
+    from emorecog_stream.model.stepper import NetStepper
+
+    return isinstance(stepper, NetStepper)
+
+
+@dataclass(frozen=True)
+class _PendingStep:
+    """An aligned step on its way through the model, with what the engine decided for it."""
+
+    step: AlignedStep
+    tr_index: int
+    reset: bool
+    flags: tuple[str, ...]
+    ready_at: float  # LSL clock
 
 
 class InputError(ValueError):
@@ -160,6 +189,13 @@ class Engine:
         self._stop_at: float | None = None  # engine time
         self._closed = False
         self.last_step: AlignedStep | None = None
+        self._thread_mode = config.engine.model_thread
+        self._offload = self._thread_mode == "always" or (
+            self._thread_mode == "auto" and not is_light_stepper(self.stepper)
+        )
+        self._slow_steps = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: deque[tuple[_PendingStep, asyncio.Future[Any]]] = deque()
 
     # -- time -----------------------------------------------------------------------------
 
@@ -289,10 +325,26 @@ class Engine:
         return values, stamps
 
     def _poll(self, ready_at: float) -> list[Prediction]:
+        """Emit every step the aligner has ready; returns the predictions made inline (steps
+        handed to the model thread are published when they come back, see :meth:`_drain`)."""
         steps = self.aligner.poll(self.now())
-        return [p for p in (self._step(s, ready_at) for s in steps) if p is not None]
+        made: list[Prediction] = []
+        for step in steps:
+            pending = self._prepare(step, ready_at)
+            if self._use_thread():
+                self._submit(pending)
+                continue
+            t0 = time.perf_counter()
+            out = self._run_model(pending)
+            self._note_step_time(time.perf_counter() - t0)
+            prediction = self._finish(pending, out)
+            if prediction is not None:
+                made.append(prediction)
+        return made
 
-    def _step(self, step: AlignedStep, ready_at: float) -> Prediction | None:
+    def _prepare(self, step: AlignedStep, ready_at: float) -> _PendingStep:
+        """Everything about a step that depends on the engine's state at the time it is
+        emitted (TR index, reset, flags, stalled rates): done on the loop, in order."""
         self.counters.steps += 1
         self.last_step = step
         if step.deadline_expired:
@@ -302,12 +354,9 @@ class Engine:
         admission = self.session.admit(step.timestamp)
         flags: list[str] = []
         if admission.reset:
-            self.stepper.reset()
             self.counters.resets += 1
             flags.append("state_reset")
         step = self._apply_stalls(step)
-        hr = step.heart_rate if step.heart_rate_valid else math.nan
-        rr = step.respiration_rate if step.respiration_rate_valid else math.nan
         if not step.heart_rate_valid:
             flags.append("heart_rate_missing")
         if not step.respiration_rate_valid:
@@ -318,7 +367,29 @@ class Engine:
             flags.append("roi_nonfinite")
         if not step.roi_valid:
             flags.append("roi_invalid")
-        out = self.stepper.step(step.roi, hr, rr)
+        return _PendingStep(step, admission.tr_index, admission.reset, tuple(flags), ready_at)
+
+    def _run_model(self, pending: _PendingStep) -> StepOutput | BaseException:
+        """Reset (when due) and step the model; runs inline or in the model thread, never both
+        at once (the thread has one worker and the engine picks one path per step, in order).
+        A model that raises gives its exception back instead of taking the engine down."""
+        step = pending.step
+        hr = step.heart_rate if step.heart_rate_valid else math.nan
+        rr = step.respiration_rate if step.respiration_rate_valid else math.nan
+        try:
+            if pending.reset:
+                self.stepper.reset()
+            return self.stepper.step(step.roi, hr, rr)
+        except Exception as exc:
+            return exc
+
+    def _finish(self, pending: _PendingStep, out: StepOutput | BaseException) -> Prediction | None:
+        """Number the model's answer and hand it to telemetry and the outputs (on the loop)."""
+        step = pending.step
+        if isinstance(out, BaseException):
+            self.counters.model_errors += 1
+            log.error("model failed at volume %s: %s", step.index, out)
+            return None
         if not out.ready:
             self.counters.warming_up += 1
             return None
@@ -328,12 +399,11 @@ class Engine:
             self.counters.model_errors += 1
             log.error("model gave a non-finite or malformed output at volume %s", step.index)
             return None
-        volume_ts = self.to_lsl(step.timestamp)
         prediction = Prediction(
             session=self.session_id,
             sequence=self._sequence,
-            tr_index=admission.tr_index,
-            volume_timestamp=volume_ts,
+            tr_index=pending.tr_index,
+            volume_timestamp=self.to_lsl(step.timestamp),
             utc=utc_now(),
             probabilities=probs,  # type: ignore[arg-type]
             category=CATEGORY_LABELS[int(np.argmax(probs))],
@@ -343,9 +413,9 @@ class Engine:
             respiration_rate=float(step.respiration_rate) if step.respiration_rate_valid else None,
             respiration_rate_valid=bool(step.respiration_rate_valid),
             model_id=self.model_id,
-            latency_ms=max(0.0, (self.clock() - ready_at) * 1000.0),
+            latency_ms=max(0.0, (self.clock() - pending.ready_at) * 1000.0),
             level=out.level,
-            flags=tuple(flags),
+            flags=pending.flags,
         )
         self._sequence += 1
         self.counters.predictions += 1
@@ -360,6 +430,51 @@ class Engine:
             respiration_rate_quality=step.respiration_rate_quality,
         )
         return prediction
+
+    # -- the model thread ---------------------------------------------------------------------
+
+    def _use_thread(self) -> bool:
+        """Step in the model thread? Only under :meth:`run` (a loop to come back to)."""
+        return self._offload and self._loop is not None and not self._closed
+
+    def _note_step_time(self, seconds: float) -> None:
+        """``model_thread = "auto"``: a model stepped inline whose steps keep taking longer
+        than :data:`SLOW_STEP_S` moves to the model thread (for the rest of the run)."""
+        if self._thread_mode != "auto":
+            return
+        self._slow_steps = self._slow_steps + 1 if seconds > SLOW_STEP_S else 0
+        if self._slow_steps >= 3 and not self._offload:
+            self._offload = True
+            log.info(
+                "model steps take over %.0f ms: stepping in a worker thread from now on",
+                SLOW_STEP_S * 1000,
+            )
+
+    def _submit(self, pending: _PendingStep) -> None:
+        assert self._loop is not None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emorecog-model")
+        future = self._loop.run_in_executor(self._executor, self._run_model, pending)
+        self._inflight.append((pending, future))
+        future.add_done_callback(self._drain)
+
+    def _drain(self, _future: Any = None) -> None:
+        """Publish, in submission order, every finished step at the head of the queue. The
+        single worker finishes them in order anyway; the queue makes the order not depend on
+        the order in which done callbacks run."""
+        while self._inflight and self._inflight[0][1].done():
+            pending, future = self._inflight.popleft()
+            if future.cancelled():
+                out: StepOutput | BaseException = asyncio.CancelledError()
+            else:
+                out = future.result()
+            self._finish(pending, out)
+
+    async def _wait_model(self) -> None:
+        """Wait for every step still in the model thread and publish it."""
+        while self._inflight:
+            await asyncio.wait([f for _, f in self._inflight])
+            self._drain()
 
     def _apply_stalls(self, step: AlignedStep) -> AlignedStep:
         """Rates fed by a stalled stream are missing, whatever was left in the buffers."""
@@ -520,6 +635,12 @@ class Engine:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        try:
+            await self._wait_model()  # steps already taken are published before offline
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
         self.status = EngineStatus("offline", "engine stopped")
         self.telemetry.set_status("offline", "engine stopped")
         for output in self.outputs:

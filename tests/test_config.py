@@ -42,7 +42,13 @@ def test_example_config_loads_and_documents_every_key() -> None:
     for section, keys in {
         "session": ["id", "duration"],
         "aligner": ["hr_window", "rr_window", "deadline"],
-        "engine": ["reset_gap_trs", "stall_timeout", "fmri_stall_trs", "resolve_timeout"],
+        "engine": [
+            "reset_gap_trs",
+            "stall_timeout",
+            "fmri_stall_trs",
+            "resolve_timeout",
+            "model_thread",
+        ],
         "mqtt": ["url", "username", "password_env", "password_file", "tls_ca", "queue_size"],
         "model": ["path"],
         "output": ["log", "dashboard"],
@@ -135,6 +141,10 @@ def test_unknown_section_and_unknown_stream_role() -> None:
         ({"streams": "ppg"}, r"\[streams\]: expected a table, found string"),
         ({"mqtt": {"password_env": "PW"}}, r"a password needs a username"),
         ({"engine": {"reset_gap_trs": True}}, r"reset_gap_trs: expected a number, found boolean"),
+        (
+            {"engine": {"model_thread": "sometimes"}},
+            r"\[engine\] model_thread: expected one of 'auto', 'always', 'never', found 'some",
+        ),
     ],
 )
 def test_wrong_values_name_key_expected_and_found(data: dict, pattern: str) -> None:

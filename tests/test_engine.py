@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -339,3 +340,126 @@ def test_markers_reach_the_audit_log_not_the_model(model, tmp_path) -> None:
     }
     assert markers[1]["text"] == "not json" and "marker" not in markers[1]
     assert engine.counters.markers == 2 and engine.counters.steps == 0
+
+
+class ThreadRecorder:
+    """Wraps a stepper and notes which thread ran each step and reset."""
+
+    def __init__(self, stepper) -> None:
+        self.stepper = stepper
+        self.threads: list[str] = []
+
+    def step(self, roi, heart_rate, respiration_rate):
+        self.threads.append(threading.current_thread().name)
+        return self.stepper.step(roi, heart_rate, respiration_rate)
+
+    def reset(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.stepper.reset()
+
+
+async def run_events(engine, clock, events) -> None:
+    """Like :func:`feed`, under :meth:`Engine.run` (so steps may go to the model thread)."""
+
+    async def source():
+        for role, data, ts in events:
+            clock.t = max(clock.t, float(ts[-1]) + 0.001)
+            yield Chunk(role, data, ts, clock.t)
+            await asyncio.sleep(0)  # let finished model steps come back, as live input does
+
+    await engine.run(source())
+
+
+def two_segments(session):
+    """A session, a gap that resets the model state, the same session again."""
+    second = 1000.0 + float(session.fmri.timestamps[-1]) + 20.0
+    return chunk_events(session) + chunk_events(session, offset=second)
+
+
+def same_predictions(a: list[Prediction], b: list[Prediction]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x.sequence, x.tr_index, x.volume_timestamp, x.flags) == (
+            y.sequence,
+            y.tr_index,
+            y.volume_timestamp,
+            y.flags,
+        )
+        assert x.probabilities == y.probabilities and x.intensity == y.intensity
+
+
+async def test_slow_model_steps_in_the_model_thread_in_order(session) -> None:
+    """A model other than the light NumPy stepper (here the Keras v1 port) steps in one worker
+    thread under ``run``: predictions come back in order, numbered without holes, equal to
+    stepping inline, and the reset at the gap happens in that thread between the right steps."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "keras_v1" / "k2_full.h5"
+    keras = load_model(f"keras-v1:{fixture}")
+    events = two_segments(session)
+
+    clock = Clock(999.0)
+    inline, inline_out = make_engine(keras, clock)
+    feed(inline, clock, events)  # no event loop: inline
+
+    clock = Clock(999.0)
+    threaded, out = make_engine(keras, clock)
+    recorder = ThreadRecorder(threaded.stepper)
+    threaded.stepper = recorder
+    await run_events(threaded, clock, events)
+
+    assert threaded.counters.resets == 1 and threaded.counters.warming_up == 48
+    assert set(recorder.threads) == {"emorecog-model_0"}
+    assert len(recorder.threads) == 2 * session.n_volumes + 1  # steps and the one reset
+    got = out.predictions
+    assert len(got) == 2 * (session.n_volumes - 24)
+    assert [p.sequence for p in got] == list(range(len(got)))
+    stamps = [p.volume_timestamp for p in got]
+    assert stamps == sorted(stamps)
+    assert got[session.n_volumes - 24].tr_index == 24  # the window refilled after the reset
+    same_predictions(got, inline_out.predictions)
+    assert out.closed  # closed only after the last step came back
+
+
+async def test_light_model_steps_inline_under_run(model, session) -> None:
+    """The default NumPy stepper is not worth a thread hop: under ``run`` it steps on the
+    event loop's own thread; ``model_thread = "always"`` moves it and changes nothing else."""
+    events = chunk_events(session)
+    clock = Clock(999.0)
+    inline, inline_out = make_engine(model, clock)
+    recorder = ThreadRecorder(inline.stepper)
+    inline.stepper = recorder
+    await run_events(inline, clock, events)
+    assert set(recorder.threads) == {threading.current_thread().name}
+
+    clock = Clock(999.0)
+    forced, out = make_engine(model, clock, **{"engine.model_thread": "always"})
+    recorder = ThreadRecorder(forced.stepper)
+    forced.stepper = recorder
+    await run_events(forced, clock, events)
+    assert set(recorder.threads) == {"emorecog-model_0"}
+    assert len(out.predictions) == session.n_volumes
+    same_predictions(out.predictions, inline_out.predictions)
+
+
+def test_a_failing_model_step_is_counted_not_fatal(model, session) -> None:
+    clock = Clock(999.0)
+    engine, out = make_engine(model, clock)
+    real = engine.stepper
+    calls = {"n": 0}
+
+    class Flaky:
+        def step(self, roi, heart_rate, respiration_rate):
+            calls["n"] += 1
+            if calls["n"] == 10:
+                raise RuntimeError("boom")
+            return real.step(roi, heart_rate, respiration_rate)
+
+        def reset(self) -> None:
+            real.reset()
+
+    engine.stepper = Flaky()
+    feed(engine, clock, chunk_events(session))
+    assert engine.counters.model_errors == 1
+    assert len(out.predictions) == session.n_volumes - 1
+    assert [p.sequence for p in out.predictions] == list(range(session.n_volumes - 1))
