@@ -2,9 +2,16 @@
 
 The network here has random (non-trained) weights and normalisation statistics, so every layer and
 the learned fills for missing physiology take part; the shipped checkpoint is tested elsewhere.
+
+Every path computes in float64 and rounds its answers to float32, so the paths agree to about one
+float32 rounding (<= 2.4e-7 on the intensity), far inside the 1e-5 the issue asks for, however
+long the session. ``MODEL_PROPERTY_EXAMPLES=2000 python -m pytest tests/test_model_stepper.py``
+runs the property tests with more examples than the 200 kept for CI.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -17,7 +24,8 @@ from emorecog_stream.model.net import EmoRecogNet, NetConfig
 from emorecog_stream.model.stepper import StreamingEmoRecogNet
 from emorecog_stream.streams import N_ROIS
 
-TOL = 1e-5
+TOL = 1e-5  # the issue's contract (float32 answers)
+EXAMPLES = int(os.environ.get("MODEL_PROPERTY_EXAMPLES", "200"))
 
 
 def _random_model(seed: int = 0, config: NetConfig | None = None) -> StreamingEmoRecogNet:
@@ -58,7 +66,7 @@ def _step_all(stepper, roi, hr, rr):
 missing = st.sampled_from([0.0, 0.1, 0.5, 1.0])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(1, 300), seed=st.integers(0, 2**16), p_hr=missing, p_rr=missing)
 def test_stepping_equals_predict_sequence(t, seed, p_hr, p_rr):
     roi, hr, rr = _recording(seed, t, p_hr, p_rr)
@@ -69,7 +77,7 @@ def test_stepping_equals_predict_sequence(t, seed, p_hr, p_rr):
     np.testing.assert_allclose(intensity, seq.intensity, atol=TOL, rtol=0)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     t=st.integers(1, 80),
     seed=st.integers(0, 2**16),
@@ -81,6 +89,7 @@ def test_batched_stepping_equals_single_steppers_with_resets(t, seed, resets):
     batch = MODEL.batch_stepper(b)
     singles = [MODEL.stepper() for _ in range(b)]
     reset_at = {(step, row) for step, row in resets if step < t}
+    got_p, got_i, want_p, want_i = [], [], [], []
     for i in range(t):
         for step, row in reset_at:
             if step == i:
@@ -91,14 +100,19 @@ def test_batched_stepping_equals_single_steppers_with_resets(t, seed, resets):
             np.array([r[1][i] for r in recs]),
             np.array([r[2][i] for r in recs]),
         )
-        for row in range(b):
-            out = singles[row].step(recs[row][0][i], recs[row][1][i], recs[row][2][i])
-            np.testing.assert_allclose(probs[row], out.probabilities, atol=TOL, rtol=0)
-            assert abs(intensity[row] - out.intensity) <= TOL
+        got_p.append(probs)
+        got_i.append(intensity)
+        outs = [
+            singles[row].step(recs[row][0][i], recs[row][1][i], recs[row][2][i]) for row in range(b)
+        ]
+        want_p.append([o.probabilities for o in outs])
+        want_i.append([o.intensity for o in outs])
+    np.testing.assert_allclose(np.array(got_p), np.array(want_p), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.array(got_i), np.array(want_i), atol=TOL, rtol=0)
     assert batch.steps.tolist() == [s.steps for s in singles]
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(t1=st.integers(1, 60), t2=st.integers(1, 60), seed=st.integers(0, 2**16))
 def test_a_reset_stepper_equals_a_new_one(t1, t2, seed):
     roi, hr, rr = _recording(seed, t1 + t2, 0.3, 0.3)
@@ -165,3 +179,19 @@ def test_other_sizes_stay_equivalent():
     probs, intensity = _step_all(model.stepper(), roi, hr, rr)
     np.testing.assert_allclose(probs, seq.probabilities, atol=TOL, rtol=0)
     np.testing.assert_allclose(intensity, seq.intensity, atol=TOL, rtol=0)
+
+
+def test_a_long_session_steps_as_it_predicts():
+    """No drift with length: 3000 volumes (50 minutes at TR 1 s), bursts of missing rates."""
+    roi, hr, rr = _recording(6, 3000, 0.1, 0.1)
+    hr[1000:1300] = np.nan
+    seq = MODEL.predict_sequence(roi, hr, rr)
+    probs, intensity = _step_all(MODEL.stepper(), roi, hr, rr)
+    np.testing.assert_allclose(probs, seq.probabilities, atol=TOL, rtol=0)
+    np.testing.assert_allclose(intensity, seq.intensity, atol=TOL, rtol=0)
+    batch = MODEL.batch_stepper(3)  # row 0 runs this session beside two others
+    rows = np.stack([roi, roi + 1.0, roi[::-1]], axis=1)
+    for i in range(len(roi)):
+        bp, bi = batch.step_batch(rows[i], np.full(3, hr[i]), np.full(3, rr[i]))
+        np.testing.assert_allclose(bp[0], probs[i], atol=TOL, rtol=0)
+        assert abs(bi[0] - intensity[i]) <= TOL

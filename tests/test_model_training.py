@@ -133,7 +133,7 @@ def test_training_runs_deterministically_and_round_trips(datas, tmp_path):
         a.net.eval()
         from emorecog_stream.model.stepper import sequence_inputs
 
-        inputs = sequence_inputs(d.roi, d.heart_rate, d.respiration_rate, a.net.config)
+        inputs = sequence_inputs(d.roi, d.heart_rate, d.respiration_rate, a.net.config, np.float32)
         logits, _ = a.net(*(torch.from_numpy(x)[None] for x in inputs))
     np.testing.assert_allclose(out.probabilities, torch.softmax(logits[0], -1).numpy(), atol=1e-6)
     # the normalisation statistics travel in the checkpoint

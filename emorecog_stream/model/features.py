@@ -18,8 +18,9 @@ time constant, which follows slow scanner drift. A missing rate (NaN) leaves its
 and gives ``d = NaN`` (the network replaces it with a learned value and a 0 flag). A non-finite
 ROI value counts as "no change" (``e = 0``).
 
-The same float operations run in the one-volume stepper and over a whole sequence, so the two
-agree to the last bit on these features.
+The baselines are kept in float64: the same float64 operations run in the one-volume steppers
+and over a whole sequence, so the two agree to the last bit on these features, and a long session
+does not accumulate float32 rounding in its running means (training rounds ``d`` to float32).
 """
 
 from __future__ import annotations
@@ -50,23 +51,33 @@ def alpha(n: int | float, window: float) -> float:
     return max(1.0 / (n + 1.0), 1.0 / window)
 
 
-def roi_deviation_sequence(roi: np.ndarray, window: float) -> np.ndarray:
-    """``d`` for every volume of one recording (T, R) -> (T, R) float32, from a fresh baseline."""
+def roi_deviation_sequence(
+    roi: np.ndarray, window: float, dtype: type[np.floating] = np.float64
+) -> np.ndarray:
+    """``d`` for every volume of one recording (T, R) -> (T, R), from a fresh baseline."""
     roi = np.asarray(roi, dtype=np.float32)
-    return roi_deviation_batch(roi[None], window)[0]
+    return roi_deviation_batch(roi[None], window, dtype)[0]
 
 
-def roi_deviation_batch(roi: np.ndarray, window: float) -> np.ndarray:
-    """``d`` for B recordings of equal length at once, (B, T, R) -> (B, T, R) float32."""
+def roi_deviation_batch(
+    roi: np.ndarray, window: float, dtype: type[np.floating] = np.float64
+) -> np.ndarray:
+    """``d`` for B recordings of equal length at once, (B, T, R) -> (B, T, R).
+
+    The ROI values are taken as float32 (as the model receives them); the baseline and ``d`` are
+    computed in float64 (the steppers' arithmetic) and returned as ``dtype``.
+    """
     roi = np.asarray(roi, dtype=np.float32)
     b, t_len, r = roi.shape
-    mean = np.zeros((b, r), np.float32)
-    out = np.empty_like(roi)
+    mean = np.zeros((b, r), np.float64)
+    e = np.empty((b, r), np.float64)
+    ae = np.empty((b, r), np.float64)
+    out = np.empty(roi.shape, dtype)
     for t in range(t_len):
-        e = roi[:, t] - mean
+        np.subtract(roi[:, t], mean, out=e)
         if not math.isfinite(float(np.add.reduce(e, axis=None))):
             e[~np.isfinite(e)] = 0.0
-        ae = e * np.float32(alpha(t, window))
+        np.multiply(e, alpha(t, window), out=ae)
         mean += ae
         np.subtract(e, ae, out=out[:, t])
     return out

@@ -7,10 +7,19 @@ NumPy, carrying the GRU state, the running baselines and the last ``temporal_ker
 Why NumPy for the step: at batch 1 a step is a few dozen small operations, and each costs several
 times less in NumPy than in PyTorch; property tests hold the two implementations equal (within
 1e-5), so they also check each other.
+
+Why float64 inside (the weights are float32 values; inputs are rounded to float32, outputs are
+float32): a float32 step and a float32 whole-sequence pass, or a batch of B and a batch of 1 (BLAS
+sums in a different order for a matrix than for a vector), differ in the last bits of each product,
+and the GRU state and the running baselines carry those differences from volume to volume; over a
+few hundred volumes they reached 1e-5. In float64 every path (single stepper, batch stepper, and
+``predict_sequence`` on a float64 copy of the module) agrees to about 1e-12 before the final
+rounding to float32, whatever the session length. The price is about 15 us per step on one core.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,15 +45,18 @@ class _Weights:
 
     Every layer's bias is folded into its weight matrix as the last row, multiplied by a constant 1
     kept at the end of the layer's input buffer. The ROI z-scoring is folded into the first layer
-    (weights divided by the ROI spread, the mean moved into the bias). The temporal convolution
-    reads a ring of the last ``k`` ROI deviation vectors; ``w_front[pos]`` is the spatial +
-    temporal weight matrix rotated so that ring slot ``pos`` is the newest volume. The GRU's input
-    and recurrent products are one matrix product over ``[front, h, 1]`` giving ``[r+z
-    pre-activations, W_in x + b_in, W_hn h + b_hn]`` (PyTorch's reset-after form).
+    (weights divided by the ROI spread, the mean moved into the bias). ``w_front`` maps the newest
+    ROI deviation vector to the spatial stream and to its contribution to the temporal
+    convolution's output at this volume and at each of the next ``k - 1`` (one block per tap, the
+    newest tap first); the stepper adds what earlier volumes contributed (its carry), so each volume
+    passes through the weights once. The GRU's products are ``[front, 1] @ w_gru_x`` giving ``[r+z
+    input parts + both biases, W_in x + b_in]`` and ``[h, 1] @ w_gru_h`` giving ``[r+z recurrent
+    parts, W_hn h + b_hn]`` (PyTorch's reset-after form).
     """
 
-    w_front: np.ndarray  # (k, k*R + 1, Cs + Ct)
-    w_gru: np.ndarray  # (C + H + 1, 4H)
+    w_front: np.ndarray  # (R + 1, Cs + k*Ct)
+    w_gru_x: np.ndarray  # (C + 1, 3H)
+    w_gru_h: np.ndarray  # (H + 1, 3H)
     w_physio: np.ndarray  # (7, P): rows z_hr, z_rr, zd_hr, zd_rr, valid_hr, valid_rr, 1
     w_fusion: np.ndarray  # (H + 1 + P, F): rows h, 1, p
     w_heads: np.ndarray  # (F + 1, 4): three category logits and the intensity pre-activation
@@ -59,6 +71,7 @@ class _Weights:
     n_rois: int
     kernel: int
     n_front: int
+    temporal_channels: int
     hidden: int
     physio_hidden: int
     fusion_hidden: int
@@ -71,7 +84,7 @@ class _Weights:
             return t.detach().cpu().double().numpy()
 
         def with_bias(weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
-            return np.concatenate([a(weight).T, a(bias)[None, :]]).astype(np.float32)
+            return np.concatenate([a(weight).T, a(bias)[None, :]])
 
         def floats(t: torch.Tensor) -> tuple[float, ...]:
             return tuple(float(v) for v in t.detach().cpu().float().tolist())
@@ -89,39 +102,34 @@ class _Weights:
         spatial = a(net.spatial.weight) * inv_sd[None, :]  # (Cs, R)
         bias_s = a(net.spatial.bias) - spatial @ mu
         bias_t = a(net.temporal.bias) - conv.sum(axis=2) @ mu
-        w_front = np.zeros((k, k * r + 1, cs + ct))
-        for pos in range(k):  # pos = ring slot holding the newest volume
-            for age in range(k):  # age 0 = newest
-                rows = slice(((pos - age) % k) * r, ((pos - age) % k + 1) * r)
-                w_front[pos, rows, cs:] = conv[:, :, k - 1 - age].T
-                if age == 0:
-                    w_front[pos, rows, :cs] = spatial.T
-            w_front[pos, k * r, :cs] = bias_s
-            w_front[pos, k * r, cs:] = bias_t
+        w_front = np.zeros((r + 1, cs + k * ct))
+        w_front[:r, :cs] = spatial.T
+        w_front[r, :cs] = bias_s
+        for age in range(k):  # block ``age``: this volume's part of the output ``age`` volumes on
+            w_front[:r, cs + age * ct : cs + (age + 1) * ct] = conv[:, :, k - 1 - age].T
+        w_front[r, cs : cs + ct] = bias_t
         w_ih, w_hh = a(net.gru.weight_ih_l0).T, a(net.gru.weight_hh_l0).T  # (in, 3H), (H, 3H)
         b_ih, b_hh = a(net.gru.bias_ih_l0), a(net.gru.bias_hh_l0)
         n_front = cs + ct
-        w_gru = np.zeros((n_front + hd + 1, 4 * hd))
-        w_gru[:n_front, : 3 * hd] = w_ih
-        w_gru[n_front : n_front + hd, : 2 * hd] = w_hh[:, : 2 * hd]
-        w_gru[n_front : n_front + hd, 3 * hd :] = w_hh[:, 2 * hd :]
-        w_gru[-1, : 2 * hd] = b_ih[: 2 * hd] + b_hh[: 2 * hd]
-        w_gru[-1, 2 * hd : 3 * hd] = b_ih[2 * hd :]
-        w_gru[-1, 3 * hd :] = b_hh[2 * hd :]
+        w_gru_x = np.concatenate([w_ih, b_ih[None, :]])
+        w_gru_x[-1, : 2 * hd] += b_hh[: 2 * hd]
+        w_gru_h = np.concatenate([w_hh, b_hh[None, :]])
+        w_gru_h[-1, : 2 * hd] = 0.0
         fw = a(net.fusion.weight).T  # (H + P, F)
         w_fusion = np.concatenate([fw[:hd], a(net.fusion.bias)[None, :], fw[hd:]])
         heads_w = torch.cat([net.category_head.weight, net.intensity_head.weight])
         heads_b = torch.cat([net.category_head.bias, net.intensity_head.bias])
 
-        def f32(x: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(x, dtype=np.float32)
+        def f64(x: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(x, dtype=np.float64)
 
         return cls(
-            w_front=f32(w_front),
-            w_gru=f32(w_gru),
-            w_physio=f32(with_bias(net.physio.weight, net.physio.bias)),
-            w_fusion=f32(w_fusion),
-            w_heads=f32(with_bias(heads_w, heads_b)),
+            w_front=f64(w_front),
+            w_gru_x=f64(w_gru_x),
+            w_gru_h=f64(w_gru_h),
+            w_physio=f64(with_bias(net.physio.weight, net.physio.bias)),
+            w_fusion=f64(w_fusion),
+            w_heads=f64(with_bias(heads_w, heads_b)),
             physio_mean=floats(net.physio_mean),  # type: ignore[arg-type]
             physio_std=floats(net.physio_std),  # type: ignore[arg-type]
             physio_dev_std=floats(net.physio_dev_std),  # type: ignore[arg-type]
@@ -133,13 +141,14 @@ class _Weights:
             n_rois=r,
             kernel=k,
             n_front=n_front,
+            temporal_channels=ct,
             hidden=hd,
             physio_hidden=c.physio_hidden,
             fusion_hidden=c.fusion_hidden,
         )
 
 
-_SLOPE = np.float32(LEAKY_SLOPE)
+_SLOPE = np.float64(LEAKY_SLOPE)
 
 
 def _leaky_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
@@ -163,10 +172,9 @@ class NetBatchStepper:
     :class:`~emorecog_stream.model.api.BatchStepper`).
 
     ``step_batch(roi (B, R), hr (B,), rr (B,))`` returns ``(probabilities (B, 3), intensity (B,))``
-    (fresh arrays); ``reset(i)`` starts session ``i`` afresh (``reset()`` resets all). Each row
-    depends only on that row's history, so a batch equals B single steppers. All sessions share
-    the ring position: a reset session's zeroed ring is the causal convolution's zero padding
-    whatever the position.
+    (fresh float32 arrays); ``reset(i)`` starts session ``i`` afresh (``reset()`` resets all).
+    Each row depends only on that row's history, so a batch equals B single steppers. State and
+    arithmetic are float64 (see the module docstring).
     """
 
     def __init__(self, weights: _Weights, batch_size: int) -> None:
@@ -174,45 +182,58 @@ class NetBatchStepper:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         w = self._w = weights
         self.batch_size = b = batch_size
-        k, r, c, hd = w.kernel, w.n_rois, w.n_front, w.hidden
+        k, r, c, hd, ct = w.kernel, w.n_rois, w.n_front, w.hidden, w.temporal_channels
         ph, fh = w.physio_hidden, w.fusion_hidden
-        self._ring = np.zeros((b, k * r + 1), np.float32)  # k deviation vectors, then 1
-        self._roi_mean = np.zeros((b, r), np.float32)  # running ROI baselines
-        self._rate_mean = np.zeros((b, 2), np.float64)  # running HR / RR baselines
-        self._rate_count = np.zeros((b, 2), np.float64)
-        self._u = np.zeros((b, c + hd + 1 + ph), np.float32)  # [front, h, 1, p]
-        self._f = np.zeros((b, fh + 1), np.float32)  # [fusion, 1]
+        f64 = np.float64
+        self._x = np.zeros((b, r + 1), f64)  # [ROI deviations, 1]
+        self._pre = np.zeros((b, w.w_front.shape[1]), f64)  # front pre-activations + taps
+        # Temporal outputs still owed to the next k - 1 volumes by the volumes seen so far
+        # (zero after a reset: the convolution's zero padding before a session).
+        self._carry = np.zeros((b, (k - 1) * ct), f64)
+        self._roi_mean = np.zeros((b, r), f64)  # running ROI baselines
+        self._rate_mean = np.zeros((b, 2), f64)  # running HR / RR baselines
+        self._rate_count = np.zeros((b, 2), f64)
+        self._u = np.zeros((b, c + 1 + hd + 1 + ph), f64)  # [front, 1, h, 1, p]
+        self._f = np.zeros((b, fh + 1), f64)  # [fusion, 1]
         # Fixed views into the buffers (made once: slicing costs as much as a small ufunc).
-        self._slots = [self._ring[:, i * r : (i + 1) * r] for i in range(k)]
+        self._dev = self._x[:, :r]
+        # pre = [spatial | temporal block 0 (this volume's output) | blocks 1..k-1 (owed)]
+        self._pre_out = self._pre[:, :c]
+        self._pre_taps = self._pre[:, c - ct : c - ct + (k - 1) * ct]  # blocks 0..k-2
+        self._pre_owed = self._pre[:, c:]  # blocks 1..k-1: the next carry
         u = self._u
-        self._front, self._h, self._p = u[:, :c], u[:, c : c + hd], u[:, c + hd + 1 :]
-        self._gru_in, self._fusion_in = u[:, : c + hd + 1], u[:, c:]
+        self._front, self._h = u[:, :c], u[:, c + 1 : c + 1 + hd]
+        self._p = u[:, c + 1 + hd + 1 :]
+        self._gru_x, self._gru_h = u[:, : c + 1], u[:, c + 1 : c + 1 + hd + 1]
+        self._fusion_in = u[:, c + 1 :]
         self._fusion_out = self._f[:, :-1]
-        self._e = np.empty((b, r), np.float32)
-        self._ae = np.empty((b, r), np.float32)
-        self._tmp_front = np.empty((b, c), np.float32)
-        self._tmp_ph = np.empty((b, ph), np.float32)
-        self._tmp_f = np.empty((b, fh), np.float32)
-        self._tmp_h = np.empty((b, hd), np.float32)
-        self._pos = 0
+        self._e = np.empty((b, r), f64)
+        self._ae = np.empty((b, r), f64)
+        self._tmp_front = np.empty((b, c), f64)
+        self._tmp_ph = np.empty((b, ph), f64)
+        self._tmp_f = np.empty((b, fh), f64)
+        self._tmp_h = np.empty((b, hd), f64)
+        self._gx = np.empty((b, 3 * hd), f64)
+        self._gh = np.empty((b, 3 * hd), f64)
         self._count = 0  # volumes advanced by this stepper (all sessions step together)
         self._reset_at = np.zeros(b, np.int64)  # per session: ``_count`` at its last reset
         self.reset()
 
     def reset(self, index: int | None = None) -> None:
-        """Zero the state (GRU, baselines, volume history) of one session, or of all."""
+        """Zero the state (GRU, baselines, convolution carry) of one session, or of all."""
         rows = slice(None) if index is None else index
-        self._ring[rows] = 0.0
-        self._ring[rows, -1] = 1.0
+        w = self._w
+        self._x[rows] = 0.0
+        self._x[rows, -1] = 1.0
+        self._carry[rows] = 0.0
         self._roi_mean[rows] = 0.0
         self._rate_mean[rows] = 0.0
         self._rate_count[rows] = 0.0
         self._u[rows] = 0.0
-        self._u[rows, self._w.n_front + self._w.hidden] = 1.0
+        self._u[rows, w.n_front] = 1.0
+        self._u[rows, w.n_front + 1 + w.hidden] = 1.0
         self._f[rows, -1] = 1.0
         self._reset_at[rows] = self._count
-        if index is None:  # same ring position as a new stepper: bit-identical results
-            self._pos = 0
 
     @property
     def steps(self) -> np.ndarray:
@@ -263,33 +284,42 @@ class NetBatchStepper:
         )
         fill = np.array(w.physio_fill)
         feats = np.where(np.concatenate([valid, valid], axis=1), np.concatenate([z, zd], 1), fill)
-        p_in = np.concatenate([feats, valid, np.ones((b, 1))], axis=1).astype(np.float32)
-        a = np.maximum(1.0 / (self.steps + 1.0), 1.0 / w.roi_window).astype(np.float32)
+        p_in = np.concatenate([feats, valid, np.ones((b, 1))], axis=1)
+        a = np.maximum(1.0 / (self.steps + 1.0), 1.0 / w.roi_window)
         out = self._advance(roi, a[:, None], p_in)
         logits = out[:, :3]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = e / e.sum(axis=1, keepdims=True)
-        return probs, w.intensity_scale * np.tanh(out[:, 3])
+        intensity = w.intensity_scale * np.tanh(out[:, 3])
+        return probs.astype(np.float32), intensity.astype(np.float32)
 
-    def _advance(self, roi: np.ndarray, a: np.ndarray | np.float32, p_in: np.ndarray) -> np.ndarray:
-        """One volume for every session (``a``: ROI baseline weights); returns heads (B, 4)."""
+    def _advance(self, roi: np.ndarray, a: np.ndarray | float, p_in: np.ndarray) -> np.ndarray:
+        """One volume for every session (``roi`` float32 (B, R); ``a``: ROI baseline weights;
+        ``p_in`` physiology inputs (B, 7)); float64 throughout; returns the heads (B, 4)."""
         w = self._w
         hd = w.hidden
-        pos = self._pos
         e, ae = self._e, self._ae
         np.subtract(roi, self._roi_mean, out=e)
         if not math.isfinite(float(np.add.reduce(e, axis=None))):
             e[~np.isfinite(e)] = 0.0
         np.multiply(e, a, out=ae)
         self._roi_mean += ae
-        np.subtract(e, ae, out=self._slots[pos])
-        _leaky_into(self._ring @ w.w_front[pos], self._front, self._tmp_front)
-        self._pos = (pos + 1) % w.kernel
-        g = self._gru_in @ w.w_gru  # [r+z pre, W_in x + b_in, W_hn h + b_hn]
-        rz = expit(g[:, : 2 * hd])
-        cand = g[:, 2 * hd : 3 * hd]
+        np.subtract(e, ae, out=self._dev)
+        pre = self._pre
+        np.matmul(self._x, w.w_front, out=pre)
+        if w.kernel > 1:
+            self._pre_taps += self._carry  # what the previous k - 1 volumes contributed
+            self._carry[...] = self._pre_owed
+        _leaky_into(self._pre_out, self._front, self._tmp_front)
+        gx, gh = self._gx, self._gh
+        np.matmul(self._gru_x, w.w_gru_x, out=gx)  # [r+z input parts and biases, W_in x + b_in]
+        np.matmul(self._gru_h, w.w_gru_h, out=gh)  # [r+z recurrent parts, W_hn h + b_hn]
+        rz = gx[:, : 2 * hd]
+        rz += gh[:, : 2 * hd]
+        expit(rz, out=rz)
+        cand = gx[:, 2 * hd :]
         tmp = self._tmp_h
-        np.multiply(rz[:, :hd], g[:, 3 * hd :], out=tmp)
+        np.multiply(rz[:, :hd], gh[:, 2 * hd :], out=tmp)
         cand += tmp
         np.tanh(cand, out=cand)
         h = self._h
@@ -325,8 +355,8 @@ class NetStepper:
         rr = float(np.float32(respiration_rate))
         z_hr, zd_hr, v_hr = _physio_value(w, 0, hr, self._hr.update(hr))
         z_rr, zd_rr, v_rr = _physio_value(w, 1, rr, self._rr.update(rr))
-        p_in = np.array([[z_hr, z_rr, zd_hr, zd_rr, v_hr, v_rr, 1.0]], np.float32)
-        a = np.float32(alpha(self._n, w.roi_window))
+        p_in = np.array([[z_hr, z_rr, zd_hr, zd_rr, v_hr, v_rr, 1.0]])
+        a = alpha(self._n, w.roi_window)
         self._n += 1
         out = self._batch._advance(roi, a, p_in)[0].tolist()
         # softmax of three logits and tanh in plain Python floats: cheaper than NumPy calls here
@@ -334,7 +364,8 @@ class NetStepper:
         e0, e1, e2 = math.exp(out[0] - top), math.exp(out[1] - top), math.exp(out[2] - top)
         total = e0 + e1 + e2
         probs = np.array([e0 / total, e1 / total, e2 / total], np.float32)
-        return StepOutput(probabilities=probs, intensity=w.intensity_scale * math.tanh(out[3]))
+        intensity = float(np.float32(w.intensity_scale * math.tanh(out[3])))
+        return StepOutput(probabilities=probs, intensity=intensity)
 
     def reset(self) -> None:
         self._batch.reset()
@@ -360,6 +391,8 @@ class StreamingEmoRecogNet:
         self.model_id = model_id
         self.metadata = metadata or {}
         self._weights = _Weights.from_net(self.net)
+        # predict_sequence's twin of the module in float64, the steppers' precision
+        self._net64 = copy.deepcopy(self.net).double().eval()
 
     @property
     def config(self) -> NetConfig:
@@ -376,31 +409,43 @@ class StreamingEmoRecogNet:
     def predict_sequence(
         self, roi: np.ndarray, heart_rate: np.ndarray, respiration_rate: np.ndarray
     ) -> SequenceOutput:
-        """Outputs for every volume of one recording, from a fresh state (equal to stepping)."""
+        """Outputs for every volume of one recording, from a fresh state (equal to stepping).
+
+        Computed in float64 (a float64 copy of the module, float64 baselines) like the steppers,
+        then rounded to float32.
+        """
         roi, hr, rr = check_sequence(roi, heart_rate, respiration_rate, self.config.n_rois)
         if roi.shape[0] == 0:
             return SequenceOutput(np.zeros((0, 3), np.float32), np.zeros(0, np.float32))
         inputs = sequence_inputs(roi, hr, rr, self.config)
         with torch.inference_mode():
-            logits, intensity = self.net(*(torch.from_numpy(x)[None] for x in inputs))
+            logits, intensity = self._net64(*(torch.from_numpy(x)[None] for x in inputs))
             probs = torch.softmax(logits[0], dim=-1)
-        return SequenceOutput(probabilities=probs.numpy(), intensity=intensity[0].numpy())
+        return SequenceOutput(
+            probabilities=probs.numpy().astype(np.float32),
+            intensity=intensity[0].numpy().astype(np.float32),
+        )
 
 
 def sequence_inputs(
-    roi: np.ndarray, hr: np.ndarray, rr: np.ndarray, config: NetConfig
+    roi: np.ndarray,
+    hr: np.ndarray,
+    rr: np.ndarray,
+    config: NetConfig,
+    dtype: type[np.floating] = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The network's inputs for one recording: ROI deviations (T, R), rates (T, 2), rate
-    deviations (T, 2), all float32, computed causally from the first volume on."""
-    roi_dev = roi_deviation_sequence(roi, config.roi_window)
-    rates = np.stack([hr, rr], axis=1).astype(np.float32)
+    deviations (T, 2), computed causally from the first volume on in float64 (the steppers'
+    arithmetic), returned as ``dtype`` (float32 for the float32 module)."""
+    roi_dev = roi_deviation_sequence(roi, config.roi_window, dtype)
+    rates = np.stack([hr, rr], axis=1).astype(np.float32).astype(dtype)
     rate_dev = np.stack(
         [
             rate_deviation_sequence(hr, config.rate_window),
             rate_deviation_sequence(rr, config.rate_window),
         ],
         axis=1,
-    ).astype(np.float32)
+    ).astype(dtype)
     return roi_dev, rates, rate_dev
 
 

@@ -78,7 +78,7 @@ def make_inputs(
         by_length.setdefault(d.n_volumes, []).append(i)
     for indices in by_length.values():
         roi_dev = roi_deviation_batch(
-            np.stack([datas[i].roi for i in indices]), net_config.roi_window
+            np.stack([datas[i].roi for i in indices]), net_config.roi_window, np.float32
         )
         for j, i in enumerate(indices):
             d = datas[i]
