@@ -51,7 +51,7 @@ from emorecog_stream.session_state import (
 )
 from emorecog_stream.sinks.payload import utc_now
 from emorecog_stream.streams import CATEGORY_LABELS, N_ROIS, Role
-from emorecog_stream.telemetry import EngineSnapshot, TelemetryRecorder
+from emorecog_stream.telemetry import EngineSnapshot, StreamState, TelemetryRecorder
 
 log = logging.getLogger(__name__)
 
@@ -419,16 +419,17 @@ class Engine:
         )
         self._sequence += 1
         self.counters.predictions += 1
-        for output in self.outputs:
-            try:
-                output.on_prediction(prediction, step)
-            except Exception:  # an output must not take the engine down
-                log.exception("output %r failed on a prediction", output)
+        # telemetry first: an output that takes a snapshot (the dashboard) shows this TR
         self.telemetry.record_prediction(
             prediction,
             heart_rate_quality=step.heart_rate_quality,
             respiration_rate_quality=step.respiration_rate_quality,
         )
+        for output in self.outputs:
+            try:
+                output.on_prediction(prediction, step)
+            except Exception:  # an output must not take the engine down
+                log.exception("output %r failed on a prediction", output)
         return prediction
 
     # -- the model thread ---------------------------------------------------------------------
@@ -565,22 +566,64 @@ class Engine:
     def snapshot(self, mqtt: Any = None) -> EngineSnapshot:
         """The dashboard's view now (``mqtt``: the publisher's stats to include).
 
-        Stream figures come from the telemetry monitors (rates, lag, gaps on the LSL clock)
-        plus the aligner's ring buffers (fill, samples overwritten before use).
+        Stream figures come from the telemetry monitors (rates, lag, gaps on the LSL clock),
+        the aligner's ring buffers (fill, samples overwritten before use) and the engine's own
+        verdict on each stream (:meth:`stream_states`), with the reason as a note.
         """
-        now = self.clock()
-        buffers = self.aligner.stats().streams
-        streams = []
-        for role, monitor in self.telemetry.monitors.items():
-            b = buffers.get(role)
-            note = self._input_errors.get(Role(role), "")
-            if b is None:
-                streams.append(monitor.stats(now, note=note))
+        states, notes = self.stream_states()
+        return self.telemetry.snapshot(
+            self.clock(),
+            mqtt=mqtt,
+            buffers=self.aligner.stats().streams,
+            states=states,
+            notes=notes,
+        )
+
+    def stream_states(self) -> tuple[dict[str, StreamState], dict[str, str]]:
+        """Each registered stream's state as the engine judges it, and why when not connected.
+
+        The same judgement as the status topic (stall timeout for physiology, ``fmri_stall_trs``
+        TRs for fMRI, on the engine's clock), so the dashboard and the status never disagree;
+        an inlet that reported an error is ``lost``; a rejected chunk is noted. Markers are
+        irregular: silence is normal, so they count as connected once resolved.
+        """
+        now = self.now()
+        tracker = self.status_tracker
+        stalled = tracker.stalled_roles(now)
+        tr = self.session.tr
+        states: dict[str, StreamState] = {}
+        notes: dict[str, str] = {}
+        for key in self.telemetry.monitors:
+            role = Role(key)
+            seen = role in tracker.last_arrival
+            note = ""
+            if role is Role.MARKERS:
+                state = StreamState.CONNECTED
+            elif role in tracker.absent:
+                state = StreamState.LOST if seen else StreamState.ABSENT
+                note = tracker.absent[role]
+            elif not seen:
+                state = StreamState.ABSENT
+                note = stalled.get(role, "")
+            elif role is Role.FMRI:
+                silent = now - tracker.last_arrival[role]
+                if tr is not None and silent > tracker.fmri_stall_trs * tr:
+                    state = StreamState.STALLED
+                    note = f"no volume for more than {tracker.fmri_stall_trs:g} TRs"
+                else:
+                    state = StreamState.CONNECTED
+            elif role in stalled:
+                state = StreamState.STALLED
+                note = stalled[role]
             else:
-                streams.append(
-                    monitor.stats(now, buffer_fill=b.buffer_fill, overflows=b.overflow, note=note)
-                )
-        return self.telemetry.snapshot(now, streams=streams, mqtt=mqtt)
+                state = StreamState.CONNECTED
+            error = self._input_errors.get(role)
+            if error:
+                note = f"{note}; {error}" if note else error
+            states[key] = state
+            if note:
+                notes[key] = note
+        return states, notes
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from signal handlers on the loop)."""

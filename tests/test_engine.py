@@ -463,3 +463,59 @@ def test_a_failing_model_step_is_counted_not_fatal(model, session) -> None:
     assert engine.counters.model_errors == 1
     assert len(out.predictions) == session.n_volumes - 1
     assert [p.sequence for p in out.predictions] == list(range(session.n_volumes - 1))
+
+
+def test_snapshot_shows_this_tr_and_the_engines_view_of_each_stream(model, session) -> None:
+    """The dashboard's snapshot, taken by an output as each prediction is handed over, already
+    holds that prediction; the stream rows carry the aligner's buffer fill and the engine's
+    own state (PPG stalled, with the reason) rather than one guessed from the lag."""
+    from emorecog_stream.telemetry import StreamState
+
+    clock = Clock(999.0)
+    engine, _out = make_engine(model, clock)
+    engine.register_stream(Role.PPG, "ppg", 400.0)
+    engine.register_stream(Role.RESP, "resp", 50.0)
+    seen: list[tuple[int, int | None, int]] = []
+
+    class Snapshotter(Collector):
+        def on_prediction(self, prediction, step) -> None:
+            snap = engine.snapshot()
+            seen.append((prediction.tr_index, snap.tr_index, snap.predictions))
+
+    engine.outputs.append(Snapshotter())
+    t0 = float(session.fmri.timestamps[0]) + 1000.0
+    gone = (t0 + 40.0, t0 + 60.0)
+    events = chunk_events(session)
+    before = [e for e in events if float(e[2][-1]) < t0 + 50.0]
+    feed(engine, clock, before, skip=lambda r, t: r is Role.PPG and gone[0] <= t < gone[1])
+
+    rows = {s.role: s for s in engine.snapshot().streams}
+    assert rows["ppg"].state is StreamState.STALLED
+    assert "PPG stream stalled" in rows["ppg"].note
+    assert rows["fmri"].state is StreamState.CONNECTED and rows["fmri"].note == ""
+    assert rows["resp"].state is StreamState.CONNECTED
+    assert rows["ppg"].buffer_fill is not None and rows["resp"].buffer_fill is not None
+    assert rows["fmri"].buffer_fill is None  # volumes wait in the aligner, not a ring buffer
+
+    feed(engine, clock, events[len(before) :])
+    rows = {s.role: s for s in engine.snapshot().streams}
+    assert {r.state for r in rows.values()} == {StreamState.CONNECTED}
+    assert [s[0] for s in seen] == [s[1] for s in seen]  # snapshot on the same TR
+    assert [s[2] for s in seen] == list(range(1, len(seen) + 1))
+    assert len(seen) == session.n_volumes
+
+
+def test_snapshot_marks_a_silent_fmri_stream_stalled_and_rejected_chunks(model, session) -> None:
+    from emorecog_stream.telemetry import StreamState
+
+    clock = Clock(999.0)
+    engine, _out = make_engine(model, clock)
+    assert {s.role: s.state for s in engine.snapshot().streams} == {"fmri": StreamState.ABSENT}
+    feed(engine, clock, chunk_events(session)[:300])
+    clock.t += 10.0
+    rows = {s.role: s for s in engine.snapshot().streams}
+    assert rows["fmri"].state is StreamState.STALLED
+    assert "no volume for more than 2.5 TRs" in rows["fmri"].note
+    engine.process_chunk(Role.FMRI, np.zeros((1, 7)), [clock.t - 0.001], clock.t)
+    rows = {s.role: s for s in engine.snapshot().streams}
+    assert "expected (samples, 246) values, found shape (1, 7)" in rows["fmri"].note
