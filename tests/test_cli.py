@@ -206,3 +206,64 @@ def test_demo_without_replay_data_generates_the_same_participant(tmp_path, monke
     import numpy as np
 
     np.testing.assert_array_equal(generated[0].fmri.data, sessions[0].fmri.data)
+
+
+def test_user_lsl_config_is_found_where_liblsl_looks(tmp_path: Path) -> None:
+    from emorecog_stream.lsl_log import user_lsl_config
+
+    if Path("/etc/lsl_api/lsl_api.cfg").is_file():
+        pytest.skip("this machine has a system-wide liblsl config")
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    (home / "lsl_api").mkdir(parents=True)
+    assert user_lsl_config({}, cwd, home) is None
+    assert user_lsl_config({"LSLAPICFG": "/x.cfg"}, cwd, home) == "LSLAPICFG=/x.cfg"
+    (home / "lsl_api" / "lsl_api.cfg").write_text("[log]\nlevel = 0\n")
+    assert user_lsl_config({}, cwd, home) == str(home / "lsl_api" / "lsl_api.cfg")
+    (cwd / "lsl_api.cfg").write_text("[log]\nlevel = 0\n")
+    assert user_lsl_config({}, cwd, home) == str(cwd / "lsl_api.cfg")
+
+
+@pytest.mark.parametrize("user_config", [False, True])
+def test_liblsl_info_lines_are_quieted_unless_the_user_has_a_config(
+    tmp_path: Path, user_config: bool
+) -> None:
+    """In a fresh process with no liblsl config anywhere, liblsl prints INFO lines to stderr
+    on its first call (what scribbled over the dashboard); after ``quiet_liblsl`` it prints
+    none. With the user's own config, that config (here: log level INFO) is what applies."""
+    import os
+    import subprocess
+    import sys
+
+    if Path("/etc/lsl_api/lsl_api.cfg").is_file():
+        pytest.skip("this machine has a system-wide liblsl config")
+    env = {k: v for k, v in os.environ.items() if k != "LSLAPICFG"}
+    env["HOME"] = str(tmp_path)
+    if user_config:
+        cfg = tmp_path / "mine.cfg"
+        cfg.write_text("[log]\nlevel = 0\n")
+        env["LSLAPICFG"] = str(cfg)
+    first_call = "pylsl.StreamInfo('q', 'q', 1, 1.0, 'float32', 'q')"  # loads liblsl's config
+    results = {}
+    for quiet in (False, True):
+        code = "import pylsl\n"
+        if quiet:
+            code += "from emorecog_stream.lsl_log import quiet_liblsl\nprint(quiet_liblsl())\n"
+        code += first_call + "\n"
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        results[quiet] = done
+    assert "INFO|" in results[False].stderr  # the check can fail: liblsl does log by default
+    if user_config:
+        assert results[True].stdout.strip() == "False"
+        assert "Configuration loaded from" in results[True].stderr
+    else:
+        assert results[True].stdout.strip() == "True"
+        assert results[True].stderr == ""

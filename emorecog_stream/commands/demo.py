@@ -109,10 +109,12 @@ def main(args: argparse.Namespace) -> int:
 
     from emorecog_stream.cli import UsageError
     from emorecog_stream.config import ConfigError
+    from emorecog_stream.lsl_log import quiet_liblsl
     from emorecog_stream.runner import RunError, RunHooks, run_engine
 
     if not args.speed > 0:
         raise UsageError(f"--speed must be > 0, got {args.speed}")
+    quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the dashboard
     sessions, origin = demo_sessions(args.session_file)
     tag = uuid.uuid4().hex[:8]
     try:

@@ -98,10 +98,12 @@ def main(args: argparse.Namespace) -> int:
 
     from emorecog_stream.adapters.replay import Replayer, ReplayError
     from emorecog_stream.cli import UsageError
+    from emorecog_stream.lsl_log import quiet_liblsl
     from emorecog_stream.recordings import load_sessions
 
     if not args.speed > 0:
         raise UsageError(f"--speed: expected a number > 0, got {args.speed}")
+    quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the progress bar
     if args.chunk_ms < 0 or args.delay < 0 or args.linger < 0:
         raise UsageError("--chunk-ms, --delay and --linger must be >= 0")
     roles = _roles(args.roles)

@@ -63,9 +63,11 @@ def main(args: argparse.Namespace) -> int:
     import asyncio
 
     from emorecog_stream.cli import UsageError
+    from emorecog_stream.lsl_log import quiet_liblsl
     from emorecog_stream.runner import RunError, run_engine
 
     config = load_config_with_flags(args)
+    quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the dashboard
     try:
         asyncio.run(run_engine(config))
     except RunError as exc:
