@@ -201,7 +201,9 @@ def main() -> None:
     parser.add_argument("--resp-rate", type=float, default=50.0)
     parser.add_argument("--chunk-ms", type=float, default=20.0)
     parser.add_argument("--warmup", type=int, default=3, help="first volumes left out of stats")
-    parser.add_argument("--model", default="", help="checkpoint for the engine (default: shipped)")
+    parser.add_argument(
+        "--model", default="", help="checkpoint or keras-v1:PATH for the engine (default: shipped)"
+    )
     parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     args = parser.parse_args()
 
@@ -246,7 +248,9 @@ def main() -> None:
         for role in ("fmri", "ppg", "resp"):
             lines.append(f'[streams.{role}]\nname = "{outlets[role].get_info().name()}"\n')
         if args.model:
-            lines.append(f'[model]\npath = "{Path(args.model).resolve()}"\n')
+            prefix = "keras-v1:" if args.model.startswith("keras-v1:") else ""
+            model = str(Path(args.model.removeprefix(prefix)).resolve())
+            lines.append(f'[model]\npath = "{prefix}{model}"\n')
         config.write_text("\n".join(lines))
         engine = subprocess.Popen(
             [
