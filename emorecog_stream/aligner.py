@@ -225,7 +225,8 @@ class Aligner:
         """
         buf = self._buffers.get(role)  # physiology and rates: the hot path
         if buf is None:  # fMRI, a stream's first chunk, or not a role
-            role = Role(role)
+            if role is not Role.FMRI:  # (Role(role) is a Python-level call: ~1 us)
+                role = Role(role)
             if role is Role.FMRI:
                 self._push_fmri(data, timestamps)
                 return
@@ -327,17 +328,17 @@ class Aligner:
         pend_t = self._pend_t
         if not pend_t:
             return []
-        if now != now:
-            raise ValueError("poll: now must be a time in seconds, got NaN")
         latest = self._latest
-        expected = self._expected
         deadline = self._deadline
-        force = len(pend_t) - self._max_pending
         t = pend_t[0]
-        if force <= 0 and now < t + deadline:  # the usual answer: still waiting
-            for r in expected:
+        force = len(pend_t) - self._max_pending
+        if force <= 0 and now < t + deadline:  # the usual answer: still waiting (not NaN)
+            for r in self._expected:
                 if latest[r] < t:
                     return []
+        if now != now:
+            raise ValueError("poll: now must be a time in seconds, got NaN")
+        expected = self._expected
         out: list[AlignedStep] = []
         while pend_t:
             t = pend_t[0]
