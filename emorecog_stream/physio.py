@@ -161,8 +161,7 @@ def _design(
 
 _SUB = np.subtract
 _MAX = np.maximum.reduce  # the ufunc's reduce directly: less call overhead than ndarray.max
-_GT = np.greater
-_NE = np.not_equal
+_ZERO = np.zeros(())  # 0-d: compared against without converting a Python float per call
 
 _EMA_ALPHA = 0.25  # weight of a new accepted peak height in the running mean height
 _EMA_REJECTED = 0.05  # ... and of a rejected (too small) lobe
@@ -205,8 +204,6 @@ class PeakRateTracker:
         # scratch space for the per-call temporaries of the common path (grows to the largest
         # run fed, which the ring buffer bounds)
         self._scratch = np.empty(0, dtype=np.float64)
-        self._pos = np.empty(0, dtype=bool)
-        self._change = np.empty(0, dtype=bool)
         self._zi: np.ndarray | None = None  # None: the filter restarts at the next good sample
         self._last_t = -math.inf  # timestamp of the last processed sample
         # Lobe state: armed once the filtered signal has been <= 0 since the (re)start.
@@ -326,8 +323,6 @@ class PeakRateTracker:
     def _grow_scratch(self, n: int) -> None:
         size = max(n, 2 * self._scratch.shape[0], 64)
         self._scratch = np.empty(size, dtype=np.float64)
-        self._pos = np.empty(size, dtype=bool)
-        self._change = np.empty(size, dtype=bool)
 
     def _break(self, gap: bool) -> None:
         """End the current segment: restart the filter, drop the lobe in progress."""
@@ -390,11 +385,11 @@ class PeakRateTracker:
         self._last_t = t_end
         n = y.shape[0]
         self.samples += n
-        if n > self._pos.shape[0]:
-            self._grow_scratch(n)
-        pos = _GT(y, 0.0, out=self._pos[:n])
         # sign changes: positive and non-positive segments alternate between these bounds
-        change = _NE(pos[1:], pos[:-1], out=self._change[: n - 1]).nonzero()[0].tolist()
+        # (operators on fresh arrays: cheaper than ufuncs with out= slices of scratch space,
+        # and the comparison with a 0-d array saves the Python float's conversion)
+        pos = y > _ZERO
+        change = (pos[1:] ^ pos[:-1]).nonzero()[0].tolist()
         bounds = [0, *[c + 1 for c in change], n]
         first_pos = y.item(0) > 0.0
         if self._in_lobe and not first_pos:
