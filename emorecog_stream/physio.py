@@ -201,6 +201,8 @@ class PeakRateTracker:
         )
         self._sos = sos.copy()  # the second-order sections, for reference
         self._gap = max(method.gap_s, 3.0 / fs)
+        # the single-stage filter's coefficients, called directly on the common path
+        self._ba = self._stages[0] if len(self._stages) == 1 else None
         # scratch space for the per-call temporaries of the common path (grows to the largest
         # run fed, which the ring buffer bounds)
         self._scratch = np.empty(0, dtype=np.float64)
@@ -280,7 +282,8 @@ class PeakRateTracker:
                     self._grow_scratch(n)
                 max_step = _MAX(_SUB(ts[1:], ts[:-1], out=self._scratch[: n - 1]))
             if max_step <= gap:
-                y, zf = self._filter(x, zi)
+                ba = self._ba
+                y, zf = lfilter(ba[0], ba[1], x, zi=zi) if ba is not None else self._filter(x, zi)
                 # a bad sample makes the state NaN for good (inf - inf, 0 * inf): the sum of
                 # the state is then not finite
                 if math.isfinite(sum(zf.tolist())):
