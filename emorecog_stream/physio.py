@@ -494,8 +494,13 @@ class PeakRateTracker:
     def coverage(self, t: float) -> float:
         """Seconds of processed data inside ``[t - window_s, t]``."""
         lo = t - self.window_s
+        spans = self._spans
+        if spans:
+            s, e = spans[-1]
+            if s <= lo and e >= t:  # the usual case: one run covers the whole window
+                return t - lo  # (what the loop below gives: earlier spans add 0.0)
         total = 0.0
-        for s, e in reversed(self._spans):
+        for s, e in reversed(spans):
             if e < lo:
                 break
             total += max(0.0, min(e, t) - max(s, lo))
