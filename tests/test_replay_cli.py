@@ -72,3 +72,32 @@ def test_replay_command_broken_file(tmp_path, capsys):
     broken.write_bytes(b"XDF:" + b"\x01\x02garbage")
     assert cli_main(["replay", str(broken)]) == 2
     assert f"cannot replay {broken}" in capsys.readouterr().err
+
+
+def test_replay_command_maps_a_lab_recordings_streams_to_roles(tmp_path, lsl_tag):
+    """A LabRecorder file whose pulse stream is called "Pleth" (type "Pleth"): without --map the
+    PPG role is not found, with --map ppg=name=Pleth it is replayed as the engine's PPG stream."""
+    session = make_session(n_volumes=4)
+    assert session.ppg is not None
+    session.ppg.name = session.ppg.type = "Pleth"
+    path = write_xdf(session, tmp_path / "lab.xdf")
+    base = ["replay", str(path), "--speed", "50", "--tag", lsl_tag, "--no-progress",
+            "--linger", "0"]  # fmt: skip
+
+    def outlets(argv: list[str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "emorecog_stream", *argv],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert f"EmoRecog-PPG-{lsl_tag}" not in outlets(base)
+    mapped = outlets([*base, "--map", "ppg=name=Pleth"])
+    assert f"EmoRecog-PPG-{lsl_tag} type=PPG" in mapped
+
+
+def test_replay_command_bad_map_is_a_user_error(tmp_path, capsys):
+    path = write_xdf(make_session(n_volumes=2), tmp_path / "s.xdf")
+    assert cli_main(["replay", str(path), "--map", "pleth"]) == 2
+    assert "expected role=selector" in capsys.readouterr().err

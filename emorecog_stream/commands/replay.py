@@ -43,6 +43,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated roles to replay (fmri,ppg,resp,rates,markers; default all present)",
     )
     parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="ROLE=SELECTOR",
+        help="XDF files: which stream plays which role, e.g. --map ppg=name=Pleth or"
+        " --map resp=type=RESP,channel=0 (repeatable; default: by LSL type, then name)",
+    )
+    parser.add_argument(
         "--chunk-ms",
         type=float,
         default=20.0,
@@ -112,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     for path in args.paths:
         try:
             options = {} if args.tr is None else {"tr": args.tr}
-            loaded = load_sessions(path, **options)
+            loaded = load_sessions(path, args.map or None, **options)
         except (OSError, ValueError, KeyError) as exc:
             raise UsageError(f"cannot replay {path}: {exc}") from None
         if not loaded:
