@@ -173,7 +173,7 @@ def main() -> int:
         "forward": fwd,
         "step": step,
         "target_p99_ms": 150.0,
-        "meets_target": step["p99_ms"] <= 150.0,
+        "meets_target": max(fwd["p99_ms"], step["p99_ms"]) <= 150.0,
         "layers": split,
         "reuse": {
             **stability,
