@@ -435,6 +435,29 @@ def _log_rate(label: str, value: float | None, valid: bool, unit: str) -> str:
     return f"{label} missing"
 
 
+def _step_parts(
+    utc: str | None,
+    tr_index: int,
+    category: str,
+    probabilities: tuple[float, ...],
+    intensity_text: str,
+    heart_rate: tuple[float | None, bool],
+    respiration_rate: tuple[float | None, bool],
+) -> list[str]:
+    """The fields a log line shows for one TR, whether it comes from a prediction or a snapshot."""
+    return [
+        _clock(utc),
+        f"TR {tr_index:4d}",
+        f"{category:<8}",
+        " ".join(
+            f"{lab[:3]} {v:.2f}" for lab, v in zip(CATEGORY_LABELS, probabilities, strict=True)
+        ),
+        f"intensity {intensity_text}",
+        _log_rate("HR", *heart_rate, "bpm"),
+        _log_rate("RR", *respiration_rate, "/min"),
+    ]
+
+
 def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None = None) -> str:
     """One plain line per TR for headless runs (no colour codes, greppable).
 
@@ -444,16 +467,10 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
     """
     if isinstance(item, Prediction):
         p = item
-        parts = [_clock(p.utc), f"TR {p.tr_index:4d}", f"{p.category:<8}"]
-        parts.append(
-            " ".join(
-                f"{lab[:3]} {v:.2f}"
-                for lab, v in zip(CATEGORY_LABELS, p.probabilities, strict=True)
-            )
-        )
-        parts.append(f"intensity {p.intensity:+.2f}")
-        parts.append(_log_rate("HR", p.heart_rate, p.heart_rate_valid, "bpm"))
-        parts.append(_log_rate("RR", p.respiration_rate, p.respiration_rate_valid, "/min"))
+        parts = _step_parts(
+            p.utc, p.tr_index, p.category, p.probabilities, f"{p.intensity:+.2f}",
+            (p.heart_rate, p.heart_rate_valid), (p.respiration_rate, p.respiration_rate_valid),
+        )  # fmt: skip
         parts.append(f"latency {p.latency_ms:.1f} ms")
         if mqtt_state is not None:
             parts.append(f"mqtt {mqtt_state}")
@@ -466,16 +483,11 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
                 parts[-1] += f" ({s.status_reason})"
             parts.append("no prediction yet")
         else:
-            parts = [_clock(s.utc), f"TR {s.tr_index:4d}", f"{s.category or _MISSING:<8}"]
-            parts.append(
-                " ".join(
-                    f"{lab[:3]} {v:.2f}"
-                    for lab, v in zip(CATEGORY_LABELS, s.probabilities, strict=True)
-                )
-            )
-            parts.append(f"intensity {_fmt(s.intensity, '+.2f')}")
-            parts.append(_log_rate("HR", s.heart_rate, s.heart_rate_valid, "bpm"))
-            parts.append(_log_rate("RR", s.respiration_rate, s.respiration_rate_valid, "/min"))
+            parts = _step_parts(
+                s.utc, s.tr_index, s.category or _MISSING, s.probabilities,
+                _fmt(s.intensity, "+.2f"),
+                (s.heart_rate, s.heart_rate_valid), (s.respiration_rate, s.respiration_rate_valid),
+            )  # fmt: skip
             parts.append(f"latency {_fmt(s.latency.last_ms, '.1f', ' ms')}")
             if s.status.lower() not in ("online", "running"):
                 parts.append(
