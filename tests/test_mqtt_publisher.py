@@ -39,6 +39,20 @@ def fast(url: str, **options: Any) -> MqttSettings:
     return MqttSettings.from_url(url, **options)
 
 
+def durable_prediction_subscriber(factory: Any, collector: Any) -> tuple[Any, str, Any]:
+    """A persisting broker, a fresh session id and a subscriber whose session survives a broker
+    restart (clean_session off), for the tests where messages must outlive the broker."""
+    broker = factory(persistence=True)
+    session = unique_session()
+    sub = collector(
+        broker,
+        [f"emorecog/{session}/prediction"],
+        clean_session=False,
+        client_id=f"durable-{uuid.uuid4().hex[:8]}",
+    )
+    return broker, session, sub
+
+
 async def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,14 +102,7 @@ async def test_predictions_arrive_in_order_valid_and_with_mqtt5_properties(
 async def test_broker_killed_mid_stream_and_restarted_after_5_s_loses_nothing(
     mqtt_broker_factory: Any, mqtt_collector: Any
 ) -> None:
-    broker = mqtt_broker_factory(persistence=True)
-    session = unique_session()
-    sub = mqtt_collector(
-        broker,
-        [f"emorecog/{session}/prediction"],
-        clean_session=False,
-        client_id=f"durable-{uuid.uuid4().hex[:8]}",
-    )
+    broker, session, sub = durable_prediction_subscriber(mqtt_broker_factory, mqtt_collector)
     broker.wait_persisted()  # the durable subscription is on disk before any kill
     n, kill_at = 150, 30
     restarter: threading.Timer | None = None
@@ -159,14 +166,7 @@ async def test_last_will_sets_status_offline_when_the_engine_is_killed(
 async def test_unreachable_broker_at_start_queues_then_delivers_and_drops_oldest_when_full(
     mqtt_broker_factory: Any, mqtt_collector: Any
 ) -> None:
-    broker = mqtt_broker_factory(persistence=True)
-    session = unique_session()
-    sub = mqtt_collector(
-        broker,
-        [f"emorecog/{session}/prediction"],
-        clean_session=False,
-        client_id=f"durable-{uuid.uuid4().hex[:8]}",
-    )
+    broker, session, sub = durable_prediction_subscriber(mqtt_broker_factory, mqtt_collector)
     broker.wait_persisted()
     broker.stop()
     settings = fast(broker.url, queue_capacity=6, reconnect_max_s=0.3)
