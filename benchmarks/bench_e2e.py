@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import pylsl
 
+from emorecog_stream.sinks.broker import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_P99_MS = 20.0
 
@@ -84,12 +86,6 @@ EMBEDDED_BROKER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -58,6 +58,8 @@ from typing import Any
 
 import pytest
 
+from emorecog_stream.sinks.broker import free_port
+
 PERSIST_SETTLE_S = 2.5
 """A fixed wait for a persistent Mosquitto to save a new subscription (autosave every 1 s).
 Prefer ``MosquittoBroker.wait_persisted()``, which waits for the actual save."""
@@ -72,12 +74,6 @@ def find_mosquitto() -> str | None:
     if found:
         return found
     return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
