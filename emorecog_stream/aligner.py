@@ -255,9 +255,9 @@ class Aligner:
             return
         horizon = self._pend_t[0] if self._pend_t else newest - self._deadline
         tracker = self._trackers.get(role)
-        data, ts, max_step = buf.consume_with_steps(horizon)
+        data, ts = buf.consume(horizon)
         if tracker is not None and ts.shape[0]:
-            tracker.feed(ts, data[:, 0], max_step)
+            tracker.feed(ts, data[:, 0])
 
     def _push_fmri(self, data: np.ndarray, timestamps: np.ndarray) -> None:
         if (
@@ -472,9 +472,9 @@ def _rate(
 ) -> RateEstimate:
     """Feed the tracker the samples up to ``t`` not fed yet, then ask it for the rate."""
     nonfinite = tracker.nonfinite
-    data, ts, max_step = buf.consume_with_steps(t)
+    data, ts = buf.consume(t)
     if ts.shape[0]:
-        tracker.feed(ts, data[:, 0], max_step)  # sorted, finite timestamps
+        tracker.feed(ts, data[:, 0])  # sorted, finite timestamps
     if tracker.nonfinite != nonfinite:
         notes.append(f"{name}: {tracker.nonfinite - nonfinite} non-finite samples")
     return tracker.estimate(t)

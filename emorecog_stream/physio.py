@@ -1,9 +1,9 @@
 """Heart rate from PPG and respiration rate from a respiration belt, offline and streaming.
 
-Method: a causal Butterworth band-pass (public ``scipy.signal.lfilter`` with its state carried
-between calls; see :func:`_design` for why not ``sosfilt``), then one peak per positive lobe of
-the band-passed signal, then the rate from the mean beat (breath) interval of the peaks inside
-the window.
+Method: a causal Butterworth band-pass (designed with ``scipy.signal``, run with its state carried
+between calls), then one peak per positive lobe of the band-passed signal, then the rate from
+the mean beat (breath) interval of the peaks inside the window. The per-sample part (breaks,
+band-pass, lobe detector) is one compiled loop, :func:`emorecog_stream.physio_kernel.track`.
 
 Why band-pass + peaks rather than a spectrum: the streaming engine needs a rate at every fMRI
 volume (20,000 volumes/s is the throughput target), so the per-volume cost must be O(new samples).
@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import butter, lfilter, lfilter_zi, sos2tf, sosfilt, sosfilt_zi
 
+from emorecog_stream import physio_kernel as _kernel
 from emorecog_stream.messages import RateEstimate
 
 __all__ = [
@@ -123,20 +124,17 @@ _TF_TOLERANCE = 1e-5  # the single-call form must match the SOS cascade this clo
 @functools.lru_cache(maxsize=32)
 def _design(
     fs: float, low: float, high: float, order: int
-) -> tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...], np.ndarray]:
-    """The band-pass as ``(sos, stages, zi_unit)``; each stage is one public
-    ``scipy.signal.lfilter`` call with coefficients ``(b, a)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The band-pass as ``(sos, b, a, z_unit)``: stage ``s`` is the recurrence of
+    ``scipy.signal.lfilter(b[s], a[s], ...)``, and ``z_unit[s]`` its state in steady state for
+    a constant input of 1 (``z_unit * x0`` starts the filter on ``x0`` without a transient).
 
-    Why ``lfilter``: the tracker filters once per stream per fMRI volume, and ``sosfilt``'s
-    Python wrapper (argument checks, copies, axis moves) costs about 25 us per call, five times
-    ``lfilter``'s. Both run the same per-sample direct-form-II-transposed recurrence and return
-    the exact final state, so splitting the input anywhere gives bit-identical output.
-
-    One stage (the whole band-pass as one transfer function, one call) when it reproduces the
+    One stage (the whole band-pass as one transfer function) when it reproduces the
     second-order-section cascade within ``_TF_TOLERANCE`` of the output on a probe (a sine at
-    the band centre on a large, stepping offset); the transfer-function form loses precision
-    when the band is very narrow relative to ``fs`` (e.g. respiration sampled at 250 Hz or
-    more), and then each section runs as its own stage, as ``sosfilt`` would.
+    the band centre on a large, stepping offset): 2 recurrences of 4 states per sample instead
+    of 2 x 2. The transfer-function form loses precision when the band is very narrow relative
+    to ``fs`` (e.g. respiration sampled at 250 Hz or more), and then each section is its own
+    stage, as ``sosfilt`` runs it.
     """
     sos = butter(order, (low, high), btype="bandpass", fs=fs, output="sos")
     b, a = sos2tf(sos)
@@ -149,19 +147,14 @@ def _design(
     got = lfilter(b, a, probe, zi=tf_zi * probe[0])[0]
     scale = float(np.max(np.abs(want[n // 4 : n // 2])))
     if float(np.max(np.abs(got - want))) <= _TF_TOLERANCE * scale:
-        stages: tuple[tuple[np.ndarray, np.ndarray], ...] = ((b, a),)
-        zi_unit = tf_zi
+        b_s, a_s, z_unit = b[None, :] / a[0], a[None, :] / a[0], tf_zi[None, :]
     else:
-        stages = tuple((sec[:3].copy(), sec[3:].copy()) for sec in sos)
-        zi_unit = sosfilt_zi(sos).reshape(-1)
-    for arr in (zi_unit, *(c for stage in stages for c in stage)):
+        b_s, a_s, z_unit = sos[:, :3], sos[:, 3:], sosfilt_zi(sos)
+    b_s, a_s, z_unit = (np.ascontiguousarray(v, dtype=np.float64) for v in (b_s, a_s, z_unit))
+    for arr in (b_s, a_s, z_unit):
         arr.setflags(write=False)  # shared between trackers through the cache
-    return sos, stages, zi_unit
+    return sos, b_s, a_s, z_unit
 
-
-_SUB = np.subtract
-_MAX = np.maximum.reduce  # the ufunc's reduce directly: less call overhead than ndarray.max
-_ZERO = np.zeros(())  # 0-d: compared against without converting a Python float per call
 
 _EMA_ALPHA = 0.25  # weight of a new accepted peak height in the running mean height
 _EMA_REJECTED = 0.05  # ... and of a rejected (too small) lobe
@@ -196,29 +189,31 @@ class PeakRateTracker:
         self.window_s = float(window_s if window_s is not None else method.window_s)
         if not self.window_s > 0:
             raise ValueError(f"{method.name}: window must be > 0 s, got {self.window_s}")
-        sos, self._stages, self._zi_unit = _design(
-            float(fs), float(low), float(high), int(method.filter_order)
-        )
+        sos, b, a, z_unit = _design(float(fs), float(low), float(high), int(method.filter_order))
         self._sos = sos.copy()  # the second-order sections, for reference
-        self._gap = max(method.gap_s, 3.0 / fs)
-        # the single-stage filter's coefficients, called directly on the common path
-        self._ba = self._stages[0] if len(self._stages) == 1 else None
-        # scratch space for the per-call temporaries of the common path (grows to the largest
-        # run fed, which the ring buffer bounds)
-        self._scratch = np.empty(0, dtype=np.float64)
-        self._zi: np.ndarray | None = None  # None: the filter restarts at the next good sample
-        self._last_t = -math.inf  # timestamp of the last processed sample
-        # Lobe state: armed once the filtered signal has been <= 0 since the (re)start.
-        self._armed = False
-        self._in_lobe = False
-        self._lobe_max = -math.inf
-        self._lobe_t = math.nan
-        self._ref_height = math.nan  # running mean height of accepted peaks
+        # own writable copies: the design is cached and shared read-only, and the compiled
+        # loop's signature takes writable arrays
+        self._b, self._a, self._z_unit = b.copy(), a.copy(), z_unit.copy()
+        self._z = np.zeros_like(self._z_unit)  # filter state (valid while the kernel runs)
+        # per-sample state of the compiled loop (see physio_kernel), and its parameters
+        self._state = _kernel.new_state()
+        self._params = np.array(
+            [
+                max(method.gap_s, 3.0 / fs),
+                method.gate,
+                method.refractory_s,
+                _EMA_ALPHA,
+                _EMA_REJECTED,
+            ],
+            dtype=np.float64,
+        )
+        # scratch rows the loop reports accepted peaks and data spans in (grown as needed)
+        self._peak_rows = np.empty((0, 4), dtype=np.float64)
+        self._span_rows = np.empty((0, 2), dtype=np.float64)
         # Peaks (plain lists: appends and bisect on scalars are cheaper than numpy here).
-        self._segment = 0  # increments at every break (gap, non-finite sample, restart)
         self._peak_t: list[float] = []
         self._peak_h: list[float] = []
-        self._peak_seg: list[int] = []
+        self._peak_seg: list[float] = []
         # Prefix sums over intervals ending at peak k (valid = same segment as peak k-1).
         self._cum_n: list[int] = []
         self._cum_s: list[float] = []
@@ -229,16 +224,28 @@ class PeakRateTracker:
         self._cached: tuple[tuple[int, int, int, float], RateEstimate] | None = None
         # Data segments [(start, end)] for coverage, most recent last.
         self._spans: list[list[float]] = []
-        self.samples = 0  # good samples processed
-        self.nonfinite = 0  # non-finite samples seen (each one a break)
-        self.gaps = 0  # timestamp gaps seen
         self.dropped = 0  # samples not newer than the last processed one
 
     # ------------------------------------------------------------------ feeding
     @property
     def last_timestamp(self) -> float:
         """Timestamp of the last processed sample (``-inf`` before any)."""
-        return self._last_t
+        return float(self._state[_kernel.LAST_T])
+
+    @property
+    def samples(self) -> int:
+        """Good samples processed."""
+        return int(self._state[_kernel.SAMPLES])
+
+    @property
+    def nonfinite(self) -> int:
+        """Non-finite samples seen (each one a break)."""
+        return int(self._state[_kernel.NONFINITE])
+
+    @property
+    def gaps(self) -> int:
+        """Timestamp gaps seen."""
+        return int(self._state[_kernel.GAPS])
 
     def update(self, timestamps: np.ndarray, values: np.ndarray) -> None:
         """Process new samples (1-D ``values``, one timestamp each, in time order)."""
@@ -255,216 +262,70 @@ class PeakRateTracker:
         if not finite_t.all():
             self.dropped += int(ts.shape[0] - np.count_nonzero(finite_t))
             ts, x = ts[finite_t], x[finite_t]
-        if ts.shape[0] and not (ts[0] >= self._last_t and (ts[1:] >= ts[:-1]).all()):
+        last = self.last_timestamp
+        if ts.shape[0] and not (ts[0] >= last and (ts[1:] >= ts[:-1]).all()):
             # keep only samples not older than everything before them
-            prev = np.maximum.accumulate(np.concatenate(([self._last_t], ts[:-1])))
+            prev = np.maximum.accumulate(np.concatenate(([last], ts[:-1])))
             keep = ts >= prev
             self.dropped += int(ts.shape[0] - np.count_nonzero(keep))
             ts, x = ts[keep], x[keep]
         self.feed(ts, x)
 
-    def feed(self, ts: np.ndarray, x: np.ndarray, max_step: float | None = None) -> None:
+    def feed(self, ts: np.ndarray, x: np.ndarray) -> None:
         """:meth:`update` for callers that guarantee float64 1-D arrays with finite,
         non-decreasing timestamps, none older than :attr:`last_timestamp` (the ring buffer's
-        ``consume`` does). Repeated timestamps are processed like any other sample.
-        ``max_step``: the largest step between consecutive ``ts`` if the caller knows it
-        (:meth:`RingBuffer.consume_with_steps`), to save a pass."""
+        ``consume`` does). Repeated timestamps are processed like any other sample."""
         n = x.shape[0]
         if n == 0:
             return
-        gap = self._gap
-        last = self._last_t
-        zi = self._zi
-        if zi is not None and n > 1 and ts.item(0) - last <= gap:
-            # The common case, with as few numpy calls as possible: the run goes on.
-            if max_step is None:
-                if n > self._scratch.shape[0]:
-                    self._grow_scratch(n)
-                max_step = _MAX(_SUB(ts[1:], ts[:-1], out=self._scratch[: n - 1]))
-            if max_step <= gap:
-                ba = self._ba
-                y, zf = lfilter(ba[0], ba[1], x, zi=zi) if ba is not None else self._filter(x, zi)
-                # a bad sample makes the state NaN for good (inf - inf, 0 * inf): the sum of
-                # the state is then not finite
-                if math.isfinite(sum(zf.tolist())):
-                    self._scan(ts, y, zf, False)
-                    return
-        if n > 1:
-            dt = ts[1:] - ts[:-1]
-            contiguous = dt.max() <= gap
-        else:
-            dt = None
-            contiguous = True
-        first_ok = last == -math.inf or ts.item(0) - last <= gap
-        if contiguous and self._try_run(ts, x, gap_before=not first_ok):
-            return
-        # Slow path: split at non-finite samples and gaps.
-        finite = np.isfinite(x)
-        breaks = ~finite
-        if dt is not None:
-            breaks[1:] |= dt > gap
-        prev_ok = first_ok
-        start = 0
-        for i in np.flatnonzero(breaks).tolist():
-            if i > start:
-                if not prev_ok:
-                    self._break(gap=True)
-                self._run(ts[start:i], x[start:i])
-            if finite[i]:
-                # a gap before sample i: a new segment starts at i
-                start, prev_ok = i, False
-            else:
-                self.nonfinite += 1
-                self._break(gap=False)
-                self._last_t = max(self._last_t, float(ts[i]))
-                start, prev_ok = i + 1, True
-        if start < n:
-            if not prev_ok:
-                self._break(gap=True)
-            self._run(ts[start:], x[start:])
+        if n >= self._span_rows.shape[0]:
+            size = max(n + 1, 2 * self._span_rows.shape[0], 64)
+            self._peak_rows = np.empty((size, 4), dtype=np.float64)
+            self._span_rows = np.empty((size, 2), dtype=np.float64)
+        n_peaks, n_spans, continues = _kernel.track(
+            ts,
+            x,
+            self._b,
+            self._a,
+            self._z_unit,
+            self._z,
+            self._state,
+            self._params,
+            self._peak_rows,
+            self._span_rows,
+        )
+        if n_spans:
+            spans = self._span_rows[:n_spans].tolist()
+            if continues:
+                self._spans[-1][1] = spans[0][1]
+                del spans[0]
+            self._spans += spans
+        if n_peaks:
+            for t, height, segment, replaces in self._peak_rows[:n_peaks].tolist():
+                if replaces:
+                    self._pop_peak()
+                self._push_peak(t, height, segment)
 
-    def _grow_scratch(self, n: int) -> None:
-        size = max(n, 2 * self._scratch.shape[0], 64)
-        self._scratch = np.empty(size, dtype=np.float64)
-
-    def _break(self, gap: bool) -> None:
-        """End the current segment: restart the filter, drop the lobe in progress."""
-        if gap:
-            self.gaps += 1
-        if self._zi is not None:
-            self._segment += 1
-        self._zi = None
-        self._armed = False
-        self._in_lobe = False
-        self._lobe_max = -math.inf
-
-    def _filter(self, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Band-pass ``x`` from state ``zi``: (output, final state); ``zi`` is not changed."""
-        stages = self._stages
-        if len(stages) == 1:
-            b, a = stages[0]
-            return lfilter(b, a, x, zi=zi)
-        zf = np.empty_like(zi)
-        y = x
-        for k, (b, a) in enumerate(stages):
-            y, zf[2 * k : 2 * k + 2] = lfilter(b, a, y, zi=zi[2 * k : 2 * k + 2])
+    def _filter(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Band-pass ``x`` from state ``z``: (output, final state); ``z`` is not changed.
+        (The band-pass that :meth:`feed` applies, on its own, for tests and for reference.)"""
+        y = np.empty(x.shape[0], dtype=np.float64)
+        zf = np.array(z, dtype=np.float64)
+        _kernel.band_pass(self._b, self._a, zf, np.ascontiguousarray(x, dtype=np.float64), y)
         return y, zf
 
-    def _try_run(self, ts: np.ndarray, x: np.ndarray, gap_before: bool) -> bool:
-        """Filter a contiguous run; False, with no state changed, if a sample is not finite.
-
-        Why filter first: a NaN/Inf sample makes the filter state non-finite for good (IIR), so
-        checking the four state values afterwards replaces a pass over the samples.
-        """
-        restart = gap_before or self._zi is None
-        zi = self._zi_unit * x[0] if restart else self._zi
-        y, zi = self._filter(x, zi)
-        # a bad sample makes the state NaN for good (inf - inf, 0 * inf); a NaN or Inf in the
-        # state makes the sum non-finite
-        if not math.isfinite(sum(zi.tolist())):
-            return False
-        if gap_before:
-            self._break(gap=True)
-        self._scan(ts, y, zi, restart)
-        return True
-
-    def _run(self, ts: np.ndarray, x: np.ndarray) -> None:
-        """Filter and scan one contiguous run of samples known to be finite."""
-        restart = self._zi is None
-        zi = self._zi_unit * x[0] if restart else self._zi
-        y, zi = self._filter(x, zi)
-        self._scan(ts, y, zi, restart)
-        if not math.isfinite(sum(zi.tolist())):  # finite samples so large the state overflowed
-            self._break(gap=False)
-
-    def _scan(self, ts: np.ndarray, y: np.ndarray, zi: np.ndarray, restart: bool) -> None:
-        """Record a filtered run and find the lobes (peaks) in it."""
-        self._zi = zi
-        t_end = ts.item(-1)
-        if restart:
-            self._spans.append([ts.item(0), t_end])
-        else:
-            self._spans[-1][1] = t_end
-        self._last_t = t_end
-        n = y.shape[0]
-        self.samples += n
-        # sign changes: positive and non-positive segments alternate between these bounds
-        # (operators on fresh arrays: cheaper than ufuncs with out= slices of scratch space,
-        # and the comparison with a 0-d array saves the Python float's conversion)
-        pos = y > _ZERO
-        change = (pos[1:] ^ pos[:-1]).nonzero()[0].tolist()
-        bounds = [0, *[c + 1 for c in change], n]
-        first_pos = y.item(0) > 0.0
-        if self._in_lobe and not first_pos:
-            # the lobe carried over from the previous call ended right at the call boundary
-            self._in_lobe = False
-            self._accept(self._lobe_t, self._lobe_max)
-        # Segment k spans bounds[k]:bounds[k+1]; positive segments alternate.
-        last = len(bounds) - 2
-        for k in range(0 if first_pos else 1, last + 1, 2):
-            s, e = bounds[k], bounds[k + 1]
-            j = s + int(y[s:e].argmax()) if e - s > 1 else s
-            height = y.item(j)
-            if k == 0 and self._in_lobe:
-                if height > self._lobe_max:
-                    self._lobe_max, self._lobe_t = height, ts.item(j)
-            elif k == 0 and not self._armed:
-                # the lobe the (re)start fell into: its beginning was not seen
-                self._in_lobe = False
-                if e < n:
-                    self._armed = True
-                continue
-            else:
-                self._armed = True
-                self._lobe_max, self._lobe_t = height, ts.item(j)
-            if e < n:
-                self._in_lobe = False
-                self._accept(self._lobe_t, self._lobe_max)
-            else:
-                self._in_lobe = True
-        if not y.item(-1) > 0.0:
-            self._in_lobe = False
-            self._armed = True
-        elif not first_pos or last > 0:
-            self._armed = True
-
-    def _accept(self, t: float, height: float) -> None:
-        """A complete lobe: gate it against recent heights, apply the refractory period."""
-        ref = self._ref_height
-        if ref == ref and height < self.method.gate * ref:  # ref == ref: not NaN
-            # rejected, but let the reference sink slowly towards it, so a lasting drop in
-            # amplitude (sensor moved, gain changed) is followed after a few beats
-            self._ref_height = ref + _EMA_REJECTED * (height - ref)
-            return
-        self._ref_height = height if ref != ref else ref + _EMA_ALPHA * (height - ref)
-        if (
-            self._peak_t
-            and self._peak_seg[-1] == self._segment
-            and t - self._peak_t[-1] < self.method.refractory_s
-        ):
-            if height <= self._peak_h[-1]:
-                return
-            self._pop_peak()
-        self._push_peak(t, height)
-
-    def _push_peak(self, t: float, height: float) -> None:
+    def _push_peak(self, t: float, height: float, segment: float) -> None:
         n0, s0, q0 = (
-            (self._cum_n[-1], self._cum_s[-1], self._cum_s2[-1])
-            if self._cum_n
-            else (
-                0,
-                0.0,
-                0.0,
-            )
+            (self._cum_n[-1], self._cum_s[-1], self._cum_s2[-1]) if self._cum_n else (0, 0.0, 0.0)
         )
         d = math.nan
-        if self._peak_t and self._peak_seg[-1] == self._segment:
+        if self._peak_t and self._peak_seg[-1] == segment:
             d = t - self._peak_t[-1]
             n0, s0, q0 = n0 + 1, s0 + d, q0 + d * d
         self._ivl.append(d)
         self._peak_t.append(t)
         self._peak_h.append(height)
-        self._peak_seg.append(self._segment)
+        self._peak_seg.append(segment)
         self._cum_n.append(n0)
         self._cum_s.append(s0)
         self._cum_s2.append(q0)

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.signal import sosfilt, sosfilt_zi
+from scipy.signal import lfilter, sosfilt, sosfilt_zi
 
 from emorecog_stream import physio
 from emorecog_stream.physio import (
@@ -241,19 +241,25 @@ def test_low_sampling_rate_moves_the_band_below_nyquist() -> None:
 def test_band_pass_matches_the_sos_cascade_and_is_split_invariant(
     fs: float, method: physio.RateMethod, stages: int
 ) -> None:
-    """The band-pass runs through public ``lfilter``: as one transfer function where that is
-    accurate, else section by section (respiration at 400 Hz); either way it matches the SOS
-    cascade (``sosfilt``) and gives bit-identical output and state however the input is split."""
+    """The compiled band-pass runs as one transfer function where that is accurate, else section
+    by section (respiration at 400 Hz); either way it matches the SOS cascade (``sosfilt``),
+    is bit-identical to ``lfilter`` stage by stage, and gives bit-identical output and state
+    however the input is split."""
     tracker = PeakRateTracker(fs, method)
-    assert len(tracker._stages) == stages
+    assert tracker._b.shape[0] == stages
     rng = np.random.default_rng(0)
     n = int(60 * fs)
     x = 500.0 + np.cumsum(rng.standard_normal(n)) * 0.1 + rng.standard_normal(n)
-    zi = tracker._zi_unit * x[0]
+    zi = tracker._z_unit * x[0]
     want, _ = sosfilt(tracker._sos, x, zi=sosfilt_zi(tracker._sos) * x[0])
     got, got_zi = tracker._filter(x, zi)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    assert np.array_equal(zi, tracker._zi_unit * x[0])  # the given state is not modified
+    assert np.array_equal(zi, tracker._z_unit * x[0])  # the given state is not modified
+    y, z_ends = x, []
+    for b, a, z in zip(tracker._b, tracker._a, zi, strict=True):
+        y, z_end = lfilter(b, a, y, zi=z)
+        z_ends.append(z_end)
+    assert np.array_equal(y, got) and np.array_equal(np.stack(z_ends), got_zi)
     pieces, state = [], zi
     cuts = np.sort(rng.choice(np.arange(1, x.size), size=40, replace=False))
     for part in np.split(x, cuts):
@@ -356,3 +362,37 @@ def test_a_bad_last_sample_of_a_chunk_is_caught(bad: float) -> None:
     tracker.update(t[1000:], x[1000:])
     assert tracker.nonfinite == 1
     assert tracker.rate(29.9) == pytest.approx(75.0, abs=0.5)
+
+
+@pytest.mark.parametrize(("fs", "method", "hz"), [(500.0, HEART, 1.1), (400.0, RESPIRATION, 0.3)])
+def test_the_compiled_loop_equals_its_python_source(
+    fs: float, method: physio.RateMethod, hz: float
+) -> None:
+    """``physio_kernel.track`` compiled by numba and run as plain Python (``py_func``) give
+    bit-identical peaks, spans, filter state and counters, on a signal with gaps, NaN, Inf and
+    values so large that the filter overflows."""
+    from emorecog_stream import physio_kernel
+
+    rng = np.random.default_rng(3)
+    n = int(80 * fs)
+    t = np.arange(n) / fs
+    t[n // 4 :] += 2.0  # a gap
+    x = 100.0 + np.sin(2 * np.pi * hz * t) + 0.2 * rng.standard_normal(n)
+    x[[n // 8, n // 8 + 1, n // 2]] = [np.nan, np.inf, -np.inf]
+    x[3 * n // 4] = 1e306  # finite, but the filter state overflows
+    runs = []
+    for kernel in (physio_kernel.track, physio_kernel.track.py_func):
+        tracker = PeakRateTracker(fs, method)
+        state, z = tracker._state.copy(), tracker._z.copy()
+        peaks, spans = np.full((n + 1, 4), -7.0), np.full((n + 1, 2), -7.0)
+        counts = [
+            kernel(t[a:b], x[a:b], tracker._b, tracker._a, tracker._z_unit, z, state,
+                   tracker._params, peaks[a:], spans[a:])
+            for a, b in ((0, n // 3), (n // 3, n // 2 + 1), (n // 2 + 1, n))
+        ]  # fmt: skip
+        runs.append((counts, state, z, peaks, spans))
+    (c1, s1, z1, p1, sp1), (c2, s2, z2, p2, sp2) = runs
+    assert c1 == c2 and sum(c[0] for c in c1) > 10
+    for got, want in ((s1, s2), (z1, z2), (p1, p2), (sp1, sp2)):
+        np.testing.assert_array_equal(got, want)
+    assert s1[physio_kernel.NONFINITE] == 3 and s1[physio_kernel.GAPS] == 1
