@@ -46,8 +46,7 @@ __all__ = ["RingBuffer"]
 
 _F8 = np.dtype(np.float64)
 _SUB = np.subtract
-_MIN = np.minimum.reduce  # the ufuncs' reduce directly: less call overhead than ndarray.min
-_MAX = np.maximum.reduce
+_MIN = np.minimum.reduce  # the ufunc's reduce directly: less call overhead than ndarray.min
 
 
 class RingBuffer:
@@ -63,11 +62,7 @@ class RingBuffer:
         self.dtype = np.dtype(dtype)
         self._data = np.empty((2 * self.capacity, self.n_channels), dtype=self.dtype)
         self._ts = np.empty(2 * self.capacity, dtype=np.float64)
-        # _dt[k] = _ts[k] - _ts[k - 1] for rows k in [_dt_from, _dt_to): the order check
-        # computes these steps anyway, and a consumer can reuse them (see max_step)
-        self._dt = np.empty(2 * self.capacity, dtype=np.float64)
-        self._dt_from = 0
-        self._dt_to = 0
+        self._steps = np.empty(2 * self.capacity, dtype=np.float64)  # the order check's scratch
         self._start = 0  # valid region is [_start, _end) (may exceed capacity until settled)
         self._end = 0
         self._read = 0  # first unconsumed row (>= _start)
@@ -215,11 +210,6 @@ class RingBuffer:
                 if self._check_from < 0:
                     self._check_from = end
                 self._chunk_starts.append(end)
-            elif self._dt_to == end > self._start:  # keep the steps of a checked run going
-                self._dt[end] = t0 - self._ts.item(end - 1)
-                if n == 2:
-                    self._dt[end + 1] = t1 - t0
-                self._dt_to = end + n
             self._dirty = True
             return n
         if self._dirty:
@@ -254,12 +244,9 @@ class RingBuffer:
             lo = c if c > self._start else c + 1  # steps from the row before, if held
             ts = self._ts
             # in order and finite: no step negative or NaN (NaN propagates through the min)
-            if e <= lo or _MIN(_SUB(ts[lo:e], ts[lo - 1 : e - 1], out=self._dt[lo:e])) >= 0.0:
+            if e <= lo or _MIN(_SUB(ts[lo:e], ts[lo - 1 : e - 1], out=self._steps[lo:e])) >= 0.0:
                 self._check_from = -1
                 self._chunk_starts.clear()
-                if self._dt_to != lo:
-                    self._dt_from = lo
-                self._dt_to = e
             else:
                 self._repair()
         over = self._end - self._start - self.capacity
@@ -276,7 +263,6 @@ class RingBuffer:
         tss = self._ts[c:e].copy()
         self._check_from = -1
         self._chunk_starts = []
-        self._dt_from = self._dt_to = 0
         self._appended -= e - c
         self._end = c
         self._newest = float(self._ts[c - 1]) if c > self._start else -math.inf
@@ -336,7 +322,6 @@ class RingBuffer:
         return n
 
     def _write(self, x: np.ndarray, ts: np.ndarray) -> None:
-        self._dt_from = self._dt_to = 0  # rows move or are written without their steps
         n = ts.shape[0]
         cap = self.capacity
         if n > cap:
@@ -422,33 +407,10 @@ class RingBuffer:
         self._consumed_t = float(self._ts[i - 1])
         return self._data[r:i], self._ts[r:i]
 
-    def consume_with_steps(self, t_end: float) -> tuple[np.ndarray, np.ndarray, float | None]:
-        """:meth:`consume`, plus the largest step between consecutive handed-out timestamps
-        when the order check has already computed those steps (else None; ``-inf`` for fewer
-        than two samples). Why: a rate tracker looks for timestamp gaps in exactly these
-        samples, and this saves it a pass. (The body repeats :meth:`consume`'s: this runs twice
-        per fMRI volume, and a call less is a measurable share of a step.)"""
-        if self._dirty:
-            self._settle()
-        r, e = self._read, self._end
-        ts = self._ts
-        if r == e or ts.item(r) > t_end:
-            return self._data[r:r], ts[r:r], -math.inf
-        last = ts.item(e - 1)
-        i = e if last <= t_end else r + int(ts[r:e].searchsorted(t_end, side="right"))
-        self._read = i
-        self._consumed_t = ts.item(i - 1)
-        if i - r < 2:
-            return self._data[r:i], ts[r:i], -math.inf
-        if self._dt_from <= r + 1 and i <= self._dt_to:
-            return self._data[r:i], ts[r:i], _MAX(self._dt[r + 1 : i])
-        return self._data[r:i], ts[r:i], None
-
     def clear(self) -> None:
         """Forget all samples (counters are kept)."""
         if self._dirty:
             self._settle()
         self._start = self._end = self._read = 0
-        self._dt_from = self._dt_to = 0
         self._consumed_t = -math.inf
         self._newest = -math.inf
