@@ -45,10 +45,8 @@ second for respiration).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +75,7 @@ class RateMethod:
 
     name: str
     band_hz: tuple[float, float]  # band-pass edges
-    filter_order: int  # Butterworth order per edge (the band-pass has twice this order)
+    filter_order: int  # Butterworth order per edge: 2 (the compiled band-pass is of order 4)
     refractory_s: float  # two peaks closer than this are one beat (breath)
     gate: float  # a lobe must reach this fraction of the running mean peak height
     min_intervals: int  # valid intervals needed in the window
@@ -184,6 +182,11 @@ class PeakRateTracker:
             raise ValueError(
                 f"{method.name}: sampling rate {fs} Hz is too low for the {method.band_hz} Hz band"
             )
+        if method.filter_order != 2:
+            raise ValueError(
+                f"{method.name}: filter_order must be 2 (the compiled band-pass is of order 4),"
+                f" got {method.filter_order}"
+            )
         self.fs = float(fs)
         self.method = method
         self.window_s = float(window_s if window_s is not None else method.window_s)
@@ -191,39 +194,35 @@ class PeakRateTracker:
             raise ValueError(f"{method.name}: window must be > 0 s, got {self.window_s}")
         sos, b, a, z_unit = _design(float(fs), float(low), float(high), int(method.filter_order))
         self._sos = sos.copy()  # the second-order sections, for reference
-        # own writable copies: the design is cached and shared read-only, and the compiled
-        # loop's signature takes writable arrays
-        self._b, self._a, self._z_unit = b.copy(), a.copy(), z_unit.copy()
-        self._z = np.zeros_like(self._z_unit)  # filter state (valid while the kernel runs)
-        # per-sample state of the compiled loop (see physio_kernel), and its parameters
+        self._b, self._a = b, a  # the stages, as lfilter takes them (read-only, shared)
+        # the band-pass as the compiled loop takes it: coefficients, and four states
+        self._coef = _kernel.coefficients(b, a)
+        self._one_stage = b.shape[0] == 1
+        self._z_unit = z_unit.reshape(-1).copy()
+        self._z = np.zeros(4, dtype=np.float64)  # valid while the filter runs
+        # the compiled loop's state, its parameters, and its tables of peaks and data spans
+        # (see physio_kernel); the tables grow when a call could fill them
         self._state = _kernel.new_state()
-        self._params = np.array(
-            [
-                max(method.gap_s, 3.0 / fs),
-                method.gate,
-                method.refractory_s,
-                _EMA_ALPHA,
-                _EMA_REJECTED,
-            ],
-            dtype=np.float64,
-        )
-        # scratch rows the loop reports accepted peaks and data spans in (grown as needed)
-        self._peak_rows = np.empty((0, 4), dtype=np.float64)
-        self._span_rows = np.empty((0, 2), dtype=np.float64)
-        # Peaks (plain lists: appends and bisect on scalars are cheaper than numpy here).
-        self._peak_t: list[float] = []
-        self._peak_h: list[float] = []
-        self._peak_seg: list[float] = []
-        # Prefix sums over intervals ending at peak k (valid = same segment as peak k-1).
-        self._cum_n: list[int] = []
-        self._cum_s: list[float] = []
-        self._cum_s2: list[float] = []
-        self._ivl: list[float] = []  # interval ending at peak k (NaN: first of its segment)
-        self._version = 0  # changes with every change to the peak lists
-        # the last estimate and what it depended on: (version, i0, i1, coverage fraction)
-        self._cached: tuple[tuple[int, int, int, float], RateEstimate] | None = None
-        # Data segments [(start, end)] for coverage, most recent last.
-        self._spans: list[list[float]] = []
+        trim = method.trim if method.trim is not None else (math.nan, math.nan)
+        self._params = np.zeros(_kernel.N_PARAMS, dtype=np.float64)
+        for slot, value in (
+            (_kernel.P_GAP, max(method.gap_s, 3.0 / fs)),
+            (_kernel.P_GATE, method.gate),
+            (_kernel.P_REFRACTORY, method.refractory_s),
+            (_kernel.P_EMA, _EMA_ALPHA),
+            (_kernel.P_EMA_REJECTED, _EMA_REJECTED),
+            (_kernel.P_WINDOW, self.window_s),
+            (_kernel.P_KEEP, self.window_s + _KEEP_PEAKS_S),
+            (_kernel.P_MIN_INTERVALS, method.min_intervals),
+            (_kernel.P_MIN_COVERAGE, method.min_coverage),
+            (_kernel.P_RATE_LO, method.rate_range[0]),
+            (_kernel.P_RATE_HI, method.rate_range[1]),
+            (_kernel.P_TRIM_LO, trim[0]),
+            (_kernel.P_TRIM_HI, trim[1]),
+        ):
+            self._params[slot] = value
+        self._peaks = np.empty((128, _kernel.N_PEAK_COLUMNS), dtype=np.float64)
+        self._spans = np.empty((128, 2), dtype=np.float64)
         self.dropped = 0  # samples not newer than the last processed one
 
     # ------------------------------------------------------------------ feeding
@@ -278,152 +277,71 @@ class PeakRateTracker:
         n = x.shape[0]
         if n == 0:
             return
-        if n >= self._span_rows.shape[0]:
-            size = max(n + 1, 2 * self._span_rows.shape[0], 64)
-            self._peak_rows = np.empty((size, 4), dtype=np.float64)
-            self._span_rows = np.empty((size, 2), dtype=np.float64)
-        n_peaks, n_spans, continues = _kernel.track(
-            ts,
-            x,
-            self._b,
-            self._a,
-            self._z_unit,
-            self._z,
-            self._state,
-            self._params,
-            self._peak_rows,
-            self._span_rows,
-        )
-        if n_spans:
-            spans = self._span_rows[:n_spans].tolist()
-            if continues:
-                self._spans[-1][1] = spans[0][1]
-                del spans[0]
-            self._spans += spans
-        if n_peaks:
-            for t, height, segment, replaces in self._peak_rows[:n_peaks].tolist():
-                if replaces:
-                    self._pop_peak()
-                self._push_peak(t, height, segment)
+        state = self._state
+        if (
+            state[_kernel.N_PEAKS] + (n // 2 + 2) > self._peaks.shape[0]
+            or state[_kernel.N_SPANS] + (n + 1) > self._spans.shape[0]
+        ):
+            self._grow(n)
+        _kernel.track(
+            ts, x, self._coef, self._one_stage, self._z_unit, self._z, state, self._params,
+            self._peaks, self._spans,
+        )  # fmt: skip
+
+    def _grow(self, n: int) -> None:
+        """Room for what ``n`` more samples can add (the tables only grow while a window holds
+        more peaks than they do, e.g. the offline helpers' window of a whole recording)."""
+        for name, need in (
+            ("_peaks", int(self._state[_kernel.N_PEAKS]) + n // 2 + 2),
+            ("_spans", int(self._state[_kernel.N_SPANS]) + n + 1),
+        ):
+            old = getattr(self, name)
+            if need > old.shape[0]:
+                new = np.empty((max(need, 2 * old.shape[0]), old.shape[1]), dtype=np.float64)
+                new[: old.shape[0]] = old
+                setattr(self, name, new)
+
+    @property
+    def peak_times(self) -> list[float]:
+        """Times of the peaks held (those of the last window and a few seconds before)."""
+        return self._peaks[: int(self._state[_kernel.N_PEAKS]), _kernel.PK_T].tolist()
 
     def _filter(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Band-pass ``x`` from state ``z``: (output, final state); ``z`` is not changed.
         (The band-pass that :meth:`feed` applies, on its own, for tests and for reference.)"""
         y = np.empty(x.shape[0], dtype=np.float64)
-        zf = np.array(z, dtype=np.float64)
-        _kernel.band_pass(self._b, self._a, zf, np.ascontiguousarray(x, dtype=np.float64), y)
+        zf = np.array(z, dtype=np.float64).reshape(-1)
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        _kernel.band_pass(self._coef, self._one_stage, zf, x, y)
         return y, zf
-
-    def _push_peak(self, t: float, height: float, segment: float) -> None:
-        n0, s0, q0 = (
-            (self._cum_n[-1], self._cum_s[-1], self._cum_s2[-1]) if self._cum_n else (0, 0.0, 0.0)
-        )
-        d = math.nan
-        if self._peak_t and self._peak_seg[-1] == segment:
-            d = t - self._peak_t[-1]
-            n0, s0, q0 = n0 + 1, s0 + d, q0 + d * d
-        self._ivl.append(d)
-        self._peak_t.append(t)
-        self._peak_h.append(height)
-        self._peak_seg.append(segment)
-        self._cum_n.append(n0)
-        self._cum_s.append(s0)
-        self._cum_s2.append(q0)
-        self._version += 1
-        if len(self._peak_t) > 64 and t - self._peak_t[32] > self.window_s + _KEEP_PEAKS_S:
-            self._prune(t)
-
-    def _pop_peak(self) -> None:
-        for lst in (self._peak_t, self._peak_h, self._peak_seg, self._cum_n, self._cum_s):
-            lst.pop()
-        self._cum_s2.pop()
-        self._ivl.pop()
-        self._version += 1
-
-    def _prune(self, t: float) -> None:
-        cut = bisect.bisect_left(self._peak_t, t - self.window_s - _KEEP_PEAKS_S)
-        for lst in (self._peak_t, self._peak_h, self._peak_seg, self._cum_n, self._cum_s):
-            del lst[:cut]
-        del self._cum_s2[:cut]
-        del self._ivl[:cut]
-        self._version += 1
-        keep_from = t - self.window_s - _KEEP_PEAKS_S
-        while len(self._spans) > 1 and self._spans[0][1] < keep_from:
-            self._spans.pop(0)
 
     # ---------------------------------------------------------------- answering
     def coverage(self, t: float) -> float:
         """Seconds of processed data inside ``[t - window_s, t]``."""
-        lo = t - self.window_s
-        spans = self._spans
-        if spans:
-            s, e = spans[-1]
-            if s <= lo and e >= t:  # the usual case: one run covers the whole window
-                return t - lo  # (what the loop below gives: earlier spans add 0.0)
-        total = 0.0
-        for s, e in reversed(spans):
-            if e < lo:
-                break
-            total += max(0.0, min(e, t) - max(s, lo))
-        return total
+        return _kernel.coverage(self._spans, int(self._state[_kernel.N_SPANS]), t, self.window_s)
 
     def estimate(self, t: float) -> RateEstimate:
         """Rate per minute over the window ending at ``t`` (from samples processed so far)."""
+        outcome, rate, quality, cover, count, cv = _kernel.estimate(
+            t, self._state, self._params, self._peaks, self._spans
+        )
         m = self.method
-        cover = self.coverage(t) / self.window_s
-        if cover < m.min_coverage:
-            why = "no data" if cover == 0 else f"data covers {cover:.0%} of the window"
-            return RateEstimate(None, 0.0, f"{m.name}: {why}")
-        pt = self._peak_t
-        i0 = bisect.bisect_left(pt, t - self.window_s)
-        i1 = bisect.bisect_right(pt, t) - 1
-        # Consecutive volumes often see the same peaks (a breath spans several TRs): then the
-        # answer is the same, as it depends only on these peaks and on the coverage.
-        key = (self._version, i0, i1, min(1.0, cover))
-        cached = self._cached
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        est = self._estimate(i0, i1, cover)
-        self._cached = (key, est)
-        return est
-
-    def _estimate(self, i0: int, i1: int, cover: float) -> RateEstimate:
-        m = self.method
-        if i1 <= i0:
-            return RateEstimate(None, 0.0, f"{m.name}: fewer than 2 peaks in the window")
-        count = self._cum_n[i1] - self._cum_n[i0]
-        if count < m.min_intervals:
-            return RateEstimate(
-                None, 0.0, f"{m.name}: {count} intervals in the window, need {m.min_intervals}"
-            )
-        kept = 1.0
-        if m.trim is None:
-            total = self._cum_s[i1] - self._cum_s[i0]
-            squares = self._cum_s2[i1] - self._cum_s2[i0]
+        if outcome == _kernel.OK:
+            reason = "" if quality >= 0.5 else f"{m.name}: irregular intervals (cv {cv:.2f})"
+            return RateEstimate(rate, quality, reason)
+        if outcome == _kernel.NO_DATA:
+            why = "no data"
+        elif outcome == _kernel.LOW_COVERAGE:
+            why = f"data covers {cover:.0%} of the window"
+        elif outcome == _kernel.FEW_PEAKS:
+            why = "fewer than 2 peaks in the window"
+        elif outcome == _kernel.FEW_INTERVALS:
+            why = f"{count} intervals in the window, need {m.min_intervals}"
+        elif outcome == _kernel.FEW_REGULAR:
+            why = "too few regular intervals"
         else:
-            # robust: drop intervals far from the median (split or missed beats), O(k log k)
-            seg = self._ivl[i0 + 1 : i1 + 1]
-            srt = sorted(seg if count == i1 - i0 else [v for v in seg if v == v])
-            h = count // 2
-            med = srt[h] if count % 2 else 0.5 * (srt[h - 1] + srt[h])
-            a = bisect.bisect_left(srt, med * m.trim[0])
-            b = bisect.bisect_right(srt, med * m.trim[1])
-            srt = srt[a:b]
-            kept = len(srt) / count
-            count = len(srt)
-            if count < m.min_intervals:
-                return RateEstimate(None, 0.0, f"{m.name}: too few regular intervals")
-            total = sum(srt)
-            squares = sum(map(operator.mul, srt, srt))
-        mean = total / count
-        rate = 60.0 / mean
-        if not m.rate_range[0] <= rate <= m.rate_range[1]:
-            return RateEstimate(None, 0.0, f"{m.name}: implausible rate {rate:.1f}/min")
-        var = max(0.0, squares / count - mean * mean)
-        cv = math.sqrt(var) / mean
-        quality = max(0.0, 1.0 - cv / 0.5) * min(1.0, cover) * kept
-        reason = "" if quality >= 0.5 else f"{m.name}: irregular intervals (cv {cv:.2f})"
-        return RateEstimate(rate, quality, reason)
+            why = f"implausible rate {rate:.1f}/min"
+        return RateEstimate(None, 0.0, f"{m.name}: {why}")
 
     def rate(self, t: float) -> float | None:
         """Rate per minute over the window ending at ``t``; None when unusable."""
