@@ -239,10 +239,8 @@ class Aligner:
             buf.append(data, timestamps)
         except ValueError as exc:
             raise ValueError(f"{role.value}: {exc}") from None
-        # read directly, this is the hot path: the newest timestamp (of a chunk not yet
-        # checked inside, its last one: a lower bound), the unconsumed row count
-        self._latest[role] = buf._newest
-        if buf._end - buf._read > self._room[role]:
+        self._latest[role] = buf.newest
+        if buf.unconsumed > self._room[role]:
             self._make_room(role, buf)
 
     def _make_room(self, role: Role, buf: RingBuffer) -> None:

@@ -21,36 +21,134 @@ Consumption: :meth:`consume` hands out the samples up to a time once, in order, 
 read position; ``overflow`` counts samples that fell off the old end before they were consumed
 (a consumer too slow for the capacity), ``overwritten`` all samples that fell off.
 
-Deferred checks (why: the aligner pushes many small chunks per fMRI volume, and one numpy call
-costs about a microsecond, more than copying 25 samples). An append whose first and last
-timestamps are finite, in order and not older than the newest held sample is copied in at once;
-the check that the timestamps *inside* it are sorted and finite, and the dropping of consumed
-samples beyond the capacity, wait until the buffer is next read (any query, :meth:`consume`, a
-counter, or an append that needs the careful path). That check covers all chunks appended since
-in one vectorised comparison. If it fails, the chunks since the last check are taken out again
-and re-appended one by one through the careful path, so the contents and counters are exactly
-what appending them one by one with the full checks gives. The array is never enlarged: the fast
-path is only taken while the chunk fits before the end of the array and the drop it defers
-touches only consumed samples. As reads may finish this deferred work, a buffer is for one
-thread.
+Two paths, one result. The aligner appends dozens of small chunks per fMRI volume, and a numpy
+call costs about a microsecond, more than copying 25 samples. So a float chunk that arrives in
+order (the usual case) takes one compiled call, :func:`_append_in_order`, which checks every
+timestamp (finite, sorted, not older than the held samples, newer than the consumed position)
+and writes it; any other chunk (unsorted, NaN times, older than held samples, another dtype)
+takes the careful path in Python, which drops, sorts and merges, then writes through the same
+compiled :func:`_write`. A test checks that a buffer with the compiled path switched off gives
+the same contents and counters. Position and counters live in one float64 array shared with the
+compiled code (exact to 2**53 samples). A buffer is for one thread, as the engine uses it.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
+from numba import from_dtype, njit, types
 
 __all__ = ["RingBuffer"]
 
 _F8 = np.dtype(np.float64)
-_SUB = np.subtract
-_MIN = np.minimum.reduce  # the ufunc's reduce directly: less call overhead than ndarray.min
+_F4 = np.dtype(np.float32)
+
+# Slots of the state array.
+_START = 0  # valid rows are [start, end)
+_END = 1
+_READ = 2  # first unconsumed row (>= start)
+_CONSUMED_T = 3  # timestamp of the last consumed sample (-inf before any)
+_NEWEST = 4  # timestamp of row end - 1 (-inf when empty)
+_APPENDED = 5  # samples accepted
+_OVERWRITTEN = 6  # samples that fell off the old end
+_OVERFLOW = 7  # ... before they were consumed
+_N_STATE = 8
+
+
+@njit(cache=True, nogil=True)
+def _drop_front(tsb: np.ndarray, st: np.ndarray, k: int) -> None:
+    """Let the ``k`` oldest rows fall off; unconsumed ones count as overflow."""
+    if k <= 0:
+        return
+    new_start = int(st[_START]) + k
+    st[_OVERWRITTEN] += k
+    read = int(st[_READ])
+    if read < new_start:
+        st[_OVERFLOW] += new_start - read
+        # unconsumed samples lost: consumers resume after them
+        st[_CONSUMED_T] = max(st[_CONSUMED_T], tsb[new_start - 1])
+        st[_READ] = new_start
+    st[_START] = new_start
+
+
+@njit(cache=True, nogil=True)
+def _write(
+    x: np.ndarray, ts: np.ndarray, data: np.ndarray, tsb: np.ndarray, st: np.ndarray
+) -> None:
+    """Append rows known to be finite, sorted, newer than the consumed position and not older
+    than the newest held row; applies the capacity (the oldest rows fall off)."""
+    n = ts.shape[0]
+    cap = tsb.shape[0] // 2
+    first = 0
+    if n > cap:
+        # everything held falls off, and the chunk's oldest rows are never seen by a consumer
+        skip = n - cap
+        _drop_front(tsb, st, int(st[_END] - st[_START]))
+        st[_OVERWRITTEN] += skip
+        st[_OVERFLOW] += skip
+        st[_APPENDED] += skip
+        st[_CONSUMED_T] = max(st[_CONSUMED_T], ts[skip - 1])
+        first = skip
+        n = cap
+    held = int(st[_END] - st[_START])
+    if held + n > cap:
+        _drop_front(tsb, st, held + n - cap)
+    start, end = int(st[_START]), int(st[_END])
+    if end + n > 2 * cap:
+        # compact: move the held rows to the front of the array
+        held = end - start
+        for r in range(held):
+            tsb[r] = tsb[start + r]
+            for c in range(data.shape[1]):
+                data[r, c] = data[start + r, c]
+        st[_READ] -= start
+        st[_START] = 0
+        end = held
+    for i in range(n):
+        tsb[end + i] = ts[first + i]
+        for c in range(data.shape[1]):
+            data[end + i, c] = x[first + i, c]
+    st[_END] = end + n
+    st[_NEWEST] = ts[first + n - 1]
+    st[_APPENDED] += n
+
+
+@njit(cache=True, nogil=True)
+def _append_in_order(
+    x: np.ndarray, ts: np.ndarray, data: np.ndarray, tsb: np.ndarray, st: np.ndarray
+) -> int:
+    """Write a chunk whose timestamps are finite, sorted, not older than the newest held
+    sample and newer than the consumed position; -1 (nothing written) for any other chunk."""
+    n = ts.shape[0]
+    prev = st[_NEWEST]
+    if not ts[0] > st[_CONSUMED_T]:
+        return -1
+    for i in range(n):
+        t = ts[i]
+        if not (t >= prev and t < math.inf):  # (NaN fails both; -inf fails the first)
+            return -1
+        prev = t
+    _write(x, ts, data, tsb, st)
+    return n
+
+
+# Compile now (or load from numba's on-disk cache) what a session will call, so no compile
+# happens mid-session: the in-order path for float64 chunks as the engine and the replay pass
+# them (contiguous, or rows of a wider array), and _write as the careful path calls it.
+_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+_F8_ROWS = types.float64[:, ::1]
+for _chunk in (_F8_ROWS, types.float64[:, :], types.float32[:, ::1], types.float32[:, :]):
+    _append_in_order.compile((_chunk, types.float64[::1], _F8_ROWS, *(types.float64[::1],) * 2))
+for _dtype in _DTYPES:
+    _rows = types.Array(from_dtype(_dtype), 2, "C")
+    _write.compile((_rows, types.float64[::1], _rows, types.float64[::1], types.float64[::1]))
 
 
 class RingBuffer:
     """A bounded, time-sorted buffer of ``n_channels`` samples with timestamps."""
+
+    _in_order = staticmethod(_append_in_order)  # the compiled path (a test switches it off)
 
     def __init__(self, capacity: int, n_channels: int, dtype: np.dtype | type = np.float64) -> None:
         if int(capacity) < 1:
@@ -60,114 +158,87 @@ class RingBuffer:
         self.capacity = int(capacity)
         self.n_channels = int(n_channels)
         self.dtype = np.dtype(dtype)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be float64 or float32, got {self.dtype}")
         self._data = np.empty((2 * self.capacity, self.n_channels), dtype=self.dtype)
         self._ts = np.empty(2 * self.capacity, dtype=np.float64)
-        self._steps = np.empty(2 * self.capacity, dtype=np.float64)  # the order check's scratch
-        self._start = 0  # valid region is [_start, _end) (may exceed capacity until settled)
-        self._end = 0
-        self._read = 0  # first unconsumed row (>= _start)
-        self._consumed_t = -math.inf  # timestamp of the last consumed sample
-        self._newest = -math.inf  # timestamp of row _end - 1 (-inf when empty)
-        self._check_from = -1  # first row not yet checked for order (-1: all checked)
-        self._chunk_starts: list[int] = []  # starts of the unchecked chunks, for a repair
-        self._dirty = False  # an order check or a drop beyond the capacity is pending
-        self._appended = 0
-        self._overwritten = 0
-        self._overflow = 0
+        self._st = np.zeros(_N_STATE, dtype=np.float64)
+        self._st[_CONSUMED_T] = -math.inf
+        self._st[_NEWEST] = -math.inf
+        self._fast = self.dtype == _F8  # float chunks into float64 storage: compiled path
         self._dropped_late = 0
         self._dropped_bad_time = 0
         self._reordered = 0
 
     # ------------------------------------------------------------------ state
     def __len__(self) -> int:
-        if self._dirty:
-            self._settle()
-        return self._end - self._start
+        return int(self._st[_END] - self._st[_START])
 
     @property
     def appended(self) -> int:
         """Samples accepted."""
-        if self._dirty:
-            self._settle()
-        return self._appended
+        return int(self._st[_APPENDED])
 
     @property
     def overwritten(self) -> int:
         """Samples that fell off the old end."""
-        if self._dirty:
-            self._settle()
-        return self._overwritten
+        return int(self._st[_OVERWRITTEN])
 
     @property
     def overflow(self) -> int:
         """Samples that fell off the old end before :meth:`consume` handed them out."""
-        if self._dirty:
-            self._settle()
-        return self._overflow
+        return int(self._st[_OVERFLOW])
 
     @property
     def dropped_late(self) -> int:
         """Out-of-order samples at or before the consumed position (dropped)."""
-        if self._dirty:
-            self._settle()
         return self._dropped_late
 
     @property
     def dropped_bad_time(self) -> int:
         """Samples with a non-finite timestamp (dropped)."""
-        if self._dirty:
-            self._settle()
         return self._dropped_bad_time
 
     @property
     def reordered(self) -> int:
         """Chunks that had to be sorted or merged."""
-        if self._dirty:
-            self._settle()
         return self._reordered
 
     @property
     def fill(self) -> float:
         """Fraction of the capacity in use (0..1)."""
-        if self._dirty:
-            self._settle()
-        return (self._end - self._start) / self.capacity
+        return len(self) / self.capacity
+
+    @property
+    def newest(self) -> float:
+        """Timestamp of the newest sample, ``-inf`` when empty (cheap: for hot paths)."""
+        return self._st.item(_NEWEST)
 
     @property
     def latest_timestamp(self) -> float | None:
         """Timestamp of the newest sample, or None when empty."""
-        if self._dirty:
-            self._settle()
-        return float(self._ts[self._end - 1]) if self._end > self._start else None
+        return self._st.item(_NEWEST) if len(self) else None
 
     @property
     def oldest_timestamp(self) -> float | None:
         """Timestamp of the oldest held sample, or None when empty."""
-        if self._dirty:
-            self._settle()
-        return float(self._ts[self._start]) if self._end > self._start else None
+        return self._ts.item(int(self._st[_START])) if len(self) else None
 
     @property
     def unconsumed(self) -> int:
         """Samples not yet handed out by :meth:`consume`."""
-        if self._dirty:
-            self._settle()
-        return self._end - self._read
+        return int(self._st[_END] - self._st[_READ])
 
     @property
     def consumed_timestamp(self) -> float:
         """Timestamp of the last consumed sample (``-inf`` before any)."""
-        if self._dirty:
-            self._settle()
-        return self._consumed_t
+        return self._st.item(_CONSUMED_T)
 
     # ---------------------------------------------------------------- writing
     def append(self, data: np.ndarray, timestamps: np.ndarray) -> int:
         """Add a chunk: ``data`` (n, n_channels) or (n,) for one channel, ``timestamps`` (n,).
 
-        Returns how many samples were accepted (see the module docstring for the policy). For a
-        chunk that takes the fast path this is ``n`` at once; should the deferred check find
-        samples to drop, the counters say so.
+        Returns how many samples were accepted (see the module docstring for the policy).
         """
         ts = timestamps
         x = data
@@ -179,97 +250,21 @@ class RingBuffer:
             and x.ndim == 2
         ):
             ts, x = self._normalise(x, ts)
+        shape = x.shape
         n = ts.shape[0]
-        if x.shape != (n, self.n_channels):
+        if shape[0] != n or shape[1] != self.n_channels:
             raise ValueError(
                 f"expected data (n, {self.n_channels}) and one timestamp per sample,"
-                f" got data {x.shape} and timestamps {ts.shape}"
+                f" got data {shape} and timestamps {ts.shape}"
             )
         if n == 0:
             return 0
-        t0 = ts.item(0)
-        t1 = ts.item(-1)
-        end = self._end
-        cap = self.capacity
-        # Fast path: ends finite and in order, not older than what we hold; the drop it defers
-        # (beyond the capacity) touches consumed rows only; no compaction needed. (t0 > -inf
-        # and t1 < inf with t0 <= t1 make both finite; a NaN fails every comparison.)
-        if (
-            t0 >= self._newest
-            and t0 > self._consumed_t
-            and t0 <= t1 < math.inf
-            and end + n <= 2 * cap
-            and end + n - cap <= self._read
-        ):
-            self._data[end : end + n] = x
-            self._ts[end : end + n] = ts
-            self._end = end + n
-            self._newest = t1
-            self._appended += n
-            if n > 2 or self._check_from >= 0:  # one or two samples: checked by the above
-                if self._check_from < 0:
-                    self._check_from = end
-                self._chunk_starts.append(end)
-            self._dirty = True
-            return n
-        if self._dirty:
-            self._settle()
-        return self._append_checked(x, ts)
-
-    def _append_checked(self, x: np.ndarray, ts: np.ndarray) -> int:
-        """Append with every check done now (nothing pending)."""
-        n = ts.shape[0]
-        start, end = self._start, self._end
-        t0 = ts.item(0)
-        # Finite, sorted, and newer than what we hold? A NaN/Inf inside the chunk makes some
-        # difference NaN or negative, so the min() test catches it too.
-        if (
-            (end == start or t0 >= self._ts.item(end - 1))
-            and t0 > self._consumed_t
-            and math.isfinite(t0)
-            and math.isfinite(ts.item(-1))
-            and (n == 1 or (ts[1:] - ts[:-1]).min() >= 0.0)
-        ):
-            self._write(x, ts)
-            return n
-        return self._append_slow(x, ts)
-
-    def _settle(self) -> None:
-        """Do the deferred work: check the order of the chunks appended on the fast path
-        (repairing if one was not in order), then drop rows beyond the capacity."""
-        self._dirty = False
-        c = self._check_from
-        if c >= 0:
-            e = self._end
-            lo = c if c > self._start else c + 1  # steps from the row before, if held
-            ts = self._ts
-            # in order and finite: no step negative or NaN (NaN propagates through the min)
-            if e <= lo or _MIN(_SUB(ts[lo:e], ts[lo - 1 : e - 1], out=self._steps[lo:e])) >= 0.0:
-                self._check_from = -1
-                self._chunk_starts.clear()
-            else:
-                self._repair()
-        over = self._end - self._start - self.capacity
-        if over > 0:
-            self._drop_front(over)
-
-    def _repair(self) -> None:
-        """A fast-path chunk was not sorted or finite inside: take the unchecked chunks out and
-        append them again, one by one, with every check (the state before them is unchanged,
-        so the result is what checking each at its append would have given)."""
-        c, e = self._check_from, self._end
-        bounds = [*self._chunk_starts, e]
-        xs = self._data[c:e].copy()
-        tss = self._ts[c:e].copy()
-        self._check_from = -1
-        self._chunk_starts = []
-        self._appended -= e - c
-        self._end = c
-        self._newest = float(self._ts[c - 1]) if c > self._start else -math.inf
-        # (rows beyond the capacity are dropped by the first re-append: the deferred drop
-        # touched consumed rows only, so when it happens changes nothing else)
-        for a, b in itertools.pairwise(bounds):
-            self._append_checked(xs[a - c : b - c], tss[a - c : b - c])
+        dtype = x.dtype
+        if self._fast and (dtype is _F8 or dtype is _F4):
+            got = self._in_order(x, ts, self._data, self._ts, self._st)
+            if got >= 0:
+                return got
+        return self._append_careful(x, ts)
 
     def _normalise(self, x: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ts = np.asarray(ts, dtype=np.float64)
@@ -287,12 +282,15 @@ class RingBuffer:
             )
         return ts, x
 
-    def _append_slow(self, x: np.ndarray, ts: np.ndarray) -> int:
+    def _append_careful(self, x: np.ndarray, ts: np.ndarray) -> int:
+        """Any chunk: drop bad and stale timestamps, sort, merge, then write."""
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        ts = np.ascontiguousarray(ts, dtype=np.float64)
         good = np.isfinite(ts)
         if not good.all():
             self._dropped_bad_time += int(ts.shape[0] - np.count_nonzero(good))
             x, ts = x[good], ts[good]
-        fresh = ts > self._consumed_t
+        fresh = ts > self.consumed_timestamp
         if not fresh.all():
             self._dropped_late += int(ts.shape[0] - np.count_nonzero(fresh))
             x, ts = x[fresh], ts[fresh]
@@ -303,70 +301,29 @@ class RingBuffer:
             order = np.argsort(ts, kind="stable")
             x, ts = x[order], ts[order]
             self._reordered += 1
-        if self._end == self._start or ts[0] >= self._ts[self._end - 1]:
-            self._write(x, ts)
+        st = self._st
+        if len(self) == 0 or ts[0] >= self.newest:
+            _write(x, ts, self._data, self._ts, st)
             return n
         # Merge into the unconsumed tail: rows from the first held sample newer than ts[0].
         self._reordered += 1
-        lo = max(self._read, self._start)
-        cut = lo + int(np.searchsorted(self._ts[lo : self._end], ts[0], side="right"))
-        tail_x = self._data[cut : self._end].copy()
-        tail_t = self._ts[cut : self._end].copy()
-        all_t = np.concatenate([tail_t, ts])
-        all_x = np.concatenate([tail_x, x.astype(self.dtype, copy=False)])
+        start, end, read = int(st[_START]), int(st[_END]), int(st[_READ])
+        lo = max(read, start)
+        cut = lo + int(np.searchsorted(self._ts[lo:end], ts[0], side="right"))
+        all_t = np.concatenate([self._ts[cut:end], ts])
+        all_x = np.concatenate([self._data[cut:end], x])
         order = np.argsort(all_t, kind="stable")  # held samples first among equal times
-        self._end = cut
-        if self._read > cut:
-            self._read = cut
-        self._write(all_x[order], all_t[order])
+        st[_END] = cut
+        st[_NEWEST] = self._ts[cut - 1] if cut > start else -math.inf
+        st[_READ] = min(read, cut)
+        st[_APPENDED] -= end - cut  # the held rows taken out are written again
+        _write(all_x[order], all_t[order], self._data, self._ts, st)
         return n
-
-    def _write(self, x: np.ndarray, ts: np.ndarray) -> None:
-        n = ts.shape[0]
-        cap = self.capacity
-        if n > cap:
-            skip = n - cap
-            self._drop_front(self._end - self._start)  # everything held falls off
-            self._overwritten += skip
-            self._overflow += skip  # never seen by a consumer
-            self._appended += skip
-            self._consumed_t = max(self._consumed_t, float(ts[skip - 1]))
-            x, ts, n = x[skip:], ts[skip:], cap
-        held = self._end - self._start
-        if held + n > cap:
-            self._drop_front(held + n - cap)
-        if self._end + n > 2 * cap:
-            # compact: move the held rows to the front of the array
-            held = self._end - self._start
-            self._data[:held] = self._data[self._start : self._end]
-            self._ts[:held] = self._ts[self._start : self._end]
-            self._read -= self._start
-            self._start, self._end = 0, held
-        e = self._end
-        self._data[e : e + n] = x
-        self._ts[e : e + n] = ts
-        self._end = e + n
-        self._newest = float(ts[-1])
-        self._appended += n
-
-    def _drop_front(self, k: int) -> None:
-        if k <= 0:
-            return
-        new_start = self._start + k
-        self._overwritten += k
-        if self._read < new_start:
-            self._overflow += new_start - self._read
-            # unconsumed samples lost: consumers resume after them
-            self._consumed_t = max(self._consumed_t, float(self._ts[new_start - 1]))
-            self._read = new_start
-        self._start = new_start
 
     # ---------------------------------------------------------------- reading
     def window(self, t_start: float, t_end: float) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the samples with ``t_start <= t <= t_end``: (data (m, ch), timestamps (m,))."""
-        if self._dirty:
-            self._settle()
-        s, e = self._start, self._end
+        s, e = int(self._st[_START]), int(self._st[_END])
         ts = self._ts[s:e]
         i0 = s + int(ts.searchsorted(t_start, side="left"))
         i1 = s + int(ts.searchsorted(t_end, side="right"))
@@ -374,16 +331,13 @@ class RingBuffer:
 
     def latest(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the newest ``n`` samples (fewer when the buffer holds fewer)."""
-        if self._dirty:
-            self._settle()
-        i0 = max(self._start, self._end - max(0, int(n)))
-        return self._data[i0 : self._end].copy(), self._ts[i0 : self._end].copy()
+        s, e = int(self._st[_START]), int(self._st[_END])
+        i0 = max(s, e - max(0, int(n)))
+        return self._data[i0:e].copy(), self._ts[i0:e].copy()
 
     def value_at(self, t: float) -> tuple[np.ndarray, float] | None:
         """The sample at or just before ``t`` (a copy) with its timestamp; None if there is none."""
-        if self._dirty:
-            self._settle()
-        s, e = self._start, self._end
+        s, e = int(self._st[_START]), int(self._st[_END])
         i = s + int(self._ts[s:e].searchsorted(t, side="right")) - 1
         if i < s:
             return None
@@ -394,23 +348,19 @@ class RingBuffer:
 
         The returned arrays are views, valid until the next :meth:`append`.
         """
-        if self._dirty:
-            self._settle()
-        r, e = self._read, self._end
-        if r == e or self._ts[r] > t_end:
-            return self._data[r:r], self._ts[r:r]
-        if self._ts[e - 1] <= t_end:
-            i = e
-        else:
-            i = r + int(self._ts[r:e].searchsorted(t_end, side="right"))
-        self._read = i
-        self._consumed_t = float(self._ts[i - 1])
-        return self._data[r:i], self._ts[r:i]
+        st = self._st
+        r, e = int(st.item(_READ)), int(st.item(_END))
+        ts = self._ts
+        if r == e or ts.item(r) > t_end:
+            return self._data[r:r], ts[r:r]
+        i = e if ts.item(e - 1) <= t_end else r + int(ts[r:e].searchsorted(t_end, side="right"))
+        st[_READ] = i
+        st[_CONSUMED_T] = ts.item(i - 1)
+        return self._data[r:i], ts[r:i]
 
     def clear(self) -> None:
         """Forget all samples (counters are kept)."""
-        if self._dirty:
-            self._settle()
-        self._start = self._end = self._read = 0
-        self._consumed_t = -math.inf
-        self._newest = -math.inf
+        st = self._st
+        st[_START] = st[_END] = st[_READ] = 0
+        st[_CONSUMED_T] = -math.inf
+        st[_NEWEST] = -math.inf

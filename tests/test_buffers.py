@@ -84,8 +84,25 @@ def test_out_of_order_chunk_is_merged_into_the_unconsumed_part() -> None:
     assert buf.append(np.array([3.0, 4.0]), np.array([3.0, 4.0])) == 2  # late but unconsumed
     assert buf.append(np.array([0.5, 2.0]), np.array([0.5, 2.0])) == 1  # 0.5 was consumed
     assert buf.dropped_late == 1 and buf.reordered == 2
+    assert buf.appended == 7  # the held samples a merge writes again are not counted twice
     np.testing.assert_array_equal(buf.window(-1, 10)[1], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     assert buf.consume(10.0)[1].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_in_order_float64_chunks_take_the_compiled_path() -> None:
+    class NoCarefulPath(RingBuffer):
+        def _append_careful(self, x: np.ndarray, ts: np.ndarray) -> int:
+            raise AssertionError("careful path taken")
+
+    buf = NoCarefulPath(8, 2)
+    wide = np.arange(60.0).reshape(10, 6)
+    assert buf.append(wide[:4, ::3], np.arange(4.0)) == 4  # strided rows of a wider array
+    assert buf.append(np.ones((7, 2)), np.arange(4.0, 11.0)) == 7  # wraps: 3 fall off
+    assert buf.append(np.ones((1, 2)), np.array([10.0])) == 1  # a tie with the newest
+    assert buf.window(-1, 99)[1].tolist() == [4.0, 5, 6, 7, 8, 9, 10, 10]
+    assert (buf.appended, buf.overwritten, buf.overflow) == (12, 4, 4)
+    with pytest.raises(AssertionError, match="careful"):
+        buf.append(np.ones((2, 2)), np.array([12.0, 11.0]))  # unsorted: the careful path
 
 
 def test_unsorted_chunk_and_bad_timestamps() -> None:
@@ -181,6 +198,10 @@ def _state(buf: RingBuffer) -> tuple:
     )
 
 
+class _CarefulBuffer(RingBuffer):
+    _in_order = staticmethod(lambda *args: -1)  # the compiled path declines every chunk
+
+
 _chunk = st.tuples(
     st.integers(0, 12),  # size
     st.sampled_from(["sorted", "sorted", "sorted", "shuffled", "nan", "older", "ties"]),
@@ -197,12 +218,12 @@ _chunk = st.tuples(
         max_size=40,
     ),
 )
-def test_deferred_checks_give_what_checking_every_append_gives(capacity: int, ops: list) -> None:
-    """Appends on the fast path have their order checked, and the capacity applied, only when
-    the buffer is next read; the result must equal checking at every append (a reference that
-    settles right after each append), whatever the chunk: unsorted, NaN times, older, ties."""
+def test_the_compiled_path_gives_what_the_careful_path_gives(capacity: int, ops: list) -> None:
+    """In-order float64 chunks take one compiled call; a buffer with that path switched off
+    (every chunk through the careful Python path) must end up with the same contents and
+    counters, whatever the chunk: unsorted, NaN times, older, ties."""
     lazy = RingBuffer(capacity, 1)
-    eager = RingBuffer(capacity, 1)
+    eager = _CarefulBuffer(capacity, 1)
     rng = np.random.default_rng(len(ops) * 7919 + capacity)
     newest = 0.0
     for op in ops:
@@ -224,11 +245,7 @@ def test_deferred_checks_give_what_checking_every_append_gives(capacity: int, op
             elif kind == "ties":
                 ts = np.full(size, newest + max(offset, 0.0))
             values = np.arange(size, dtype=np.float64) + 100 * len(ops)
-            # (the return values may differ: the fast path reports the whole chunk, and a
-            # later check may drop some; the counters must agree, see the checks)
-            assert 0 <= lazy.append(values, ts) <= size
-            eager.append(values, ts)
-            eager._settle()  # the reference checks everything at once
+            assert lazy.append(values, ts) == eager.append(values, ts)
             if size and np.isfinite(ts).any():
                 newest = max(newest, float(np.nanmax(ts)))
     assert _state(lazy) == _state(eager)
