@@ -134,8 +134,10 @@ def _append_in_order(
 
 
 # Compile now (or load from numba's on-disk cache) what a session will call, so no compile
-# happens mid-session: the in-order path for float64 chunks as the engine and the replay pass
-# them (contiguous, or rows of a wider array), and _write as the careful path calls it.
+# happens mid-session: the in-order path for float64 and float32 chunks (contiguous, or rows of
+# a wider array; the engine passes contiguous float64), and _write as the careful path calls
+# it. Other array types (read-only chunks, say) are compiled at their first append, about half
+# a second once per machine (numba caches them on disk), and work the same.
 _DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 _F8_ROWS = types.float64[:, ::1]
 for _chunk in (_F8_ROWS, types.float64[:, :], types.float32[:, ::1], types.float32[:, :]):

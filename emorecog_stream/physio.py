@@ -248,8 +248,9 @@ class PeakRateTracker:
 
     def update(self, timestamps: np.ndarray, values: np.ndarray) -> None:
         """Process new samples (1-D ``values``, one timestamp each, in time order)."""
-        ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-        x = np.asarray(values, dtype=np.float64).reshape(-1)
+        # copies: the compiled loop takes writable float64 arrays, and the input may be neither
+        ts = np.array(timestamps, dtype=np.float64).reshape(-1)
+        x = np.array(values, dtype=np.float64).reshape(-1)
         if ts.shape != x.shape:
             raise ValueError(
                 f"{self.method.name}: expected one timestamp per sample, got {ts.shape[0]}"
@@ -271,7 +272,7 @@ class PeakRateTracker:
         self.feed(ts, x)
 
     def feed(self, ts: np.ndarray, x: np.ndarray) -> None:
-        """:meth:`update` for callers that guarantee float64 1-D arrays with finite,
+        """:meth:`update` for callers that guarantee writable float64 1-D arrays with finite,
         non-decreasing timestamps, none older than :attr:`last_timestamp` (the ring buffer's
         ``consume`` does). Repeated timestamps are processed like any other sample."""
         n = x.shape[0]
@@ -311,7 +312,7 @@ class PeakRateTracker:
         (The band-pass that :meth:`feed` applies, on its own, for tests and for reference.)"""
         y = np.empty(x.shape[0], dtype=np.float64)
         zf = np.array(z, dtype=np.float64).reshape(-1)
-        x = np.ascontiguousarray(x, dtype=np.float64)
+        x = np.array(x, dtype=np.float64)
         _kernel.band_pass(self._coef, self._one_stage, zf, x, y)
         return y, zf
 

@@ -268,6 +268,17 @@ def test_band_pass_matches_the_sos_cascade_and_is_split_invariant(
     assert np.array_equal(np.concatenate(pieces), got) and np.array_equal(state, got_zi)
 
 
+def test_read_only_input_is_accepted() -> None:
+    t = np.arange(3000) / 100.0
+    x = np.sin(2 * np.pi * 1.2 * t)
+    x.setflags(write=False)  # e.g. a memory-mapped recording
+    assert heart_rate(x, 100.0) == pytest.approx(72.0, abs=0.5)
+    tracker = HeartRateTracker(100.0)
+    t.setflags(write=False)
+    tracker.update(t, x)
+    assert tracker.rate(29.9) == pytest.approx(72.0, abs=0.5)
+
+
 def test_offline_helpers_accept_column_vectors_and_report_quality() -> None:
     fs = 50.0
     t = np.arange(int(30 * fs)) / fs
