@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["N_STATE", "band_pass", "track"]
+__all__ = ["band_pass", "coefficients", "coverage", "estimate", "new_state", "track"]
 
 # Slots of the tracker's float64 state array.
 LAST_T = 0  # timestamp of the last processed sample (-inf before any)
