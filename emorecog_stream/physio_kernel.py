@@ -226,44 +226,38 @@ def track(
     n_spans = int(state[N_SPANS])
     z0, z1, z2, z3 = z[0], z[1], z[2], z[3]
     n = x.shape[0]
-    for i in range(n + 1):
-        # A run of filtered samples ends at a break or at the end of the call: finite samples
-        # so large that the filter state overflowed end the segment too.
-        end_of_run = i == n
+    for i in range(n + 1):  # (one step past the end, for the overflow check)
         t = 0.0
         v = 0.0
         bad = False
         is_gap = False
-        if not end_of_run:
+        if i < n:
             t = ts[i]
             v = x[i]
             bad = not math.isfinite(v)
             # a gap just before a bad sample is not counted (the bad sample breaks anyway)
             is_gap = (not bad) and last_t != -math.inf and t - last_t > gap
-            end_of_run = bad or is_gap
-        if end_of_run and running and not math.isfinite(z0 + z1 + z2 + z3):
-            segment += 1.0
-            running = False
-            armed = False
-            in_lobe = False
-            lobe_max = -math.inf
-        if i == n:
-            break
-        if bad or is_gap:
-            if is_gap:
-                gaps += 1.0
-            else:
-                nonfinite += 1.0
+        # a run of filtered samples ends at a break or at the end of the call; finite samples
+        # so large that the filter state overflowed end the segment there too
+        overflow = (i == n or bad or is_gap) and running and not math.isfinite(z0 + z1 + z2 + z3)
+        if overflow or bad or is_gap:
+            # a break: the segment ends, the lobe in progress is dropped, and the filter
+            # restarts at the next good sample
             if running:
                 segment += 1.0
             running = False
             armed = False
             in_lobe = False
             lobe_max = -math.inf
-            if bad:
-                if t > last_t:
-                    last_t = t
-                continue
+        if i == n:
+            break
+        if is_gap:
+            gaps += 1.0
+        elif bad:
+            nonfinite += 1.0
+            if t > last_t:
+                last_t = t
+            continue
         if not running:
             # a new segment: the filter starts in its steady state for this sample
             z0, z1, z2, z3 = z_unit[0] * v, z_unit[1] * v, z_unit[2] * v, z_unit[3] * v
