@@ -40,6 +40,10 @@ class MqttOutput:
             ),
         )
 
+    def on_marker(self, timestamp: float, text: str) -> None:
+        """Trial markers on ``<prefix>/<session>/marker``, so live views can show the trials."""
+        self.publisher.publish_marker(timestamp, text)
+
     def on_status(self, status: EngineStatus) -> None:
         if status.state == "offline":  # close() publishes offline after the queue
             self._reason = status.reason or self._reason

@@ -156,5 +156,5 @@ def test_bad_topic_prefixes_are_rejected(prefix: str) -> None:
 
 def test_load_schema_kinds() -> None:
     assert load_schema("status")["title"].endswith("status")
-    with pytest.raises(ValueError, match="prediction, physio or status"):
+    with pytest.raises(ValueError, match="prediction, physio, status or marker"):
         load_schema("nope")

@@ -56,6 +56,7 @@ from emorecog_stream.sinks.payload import (
     PayloadError,
     Topics,
     encode,
+    marker_payload,
     physio_payload,
     prediction_payload,
     status_payload,
@@ -285,7 +286,7 @@ class MqttStats:
 
 @dataclass(eq=False)  # identity: two equal status payloads are still two messages
 class _Outgoing:
-    kind: str  # prediction | physio | status
+    kind: str  # prediction | physio | marker | status
     topic: str
     payload: bytes
     qos: int
@@ -400,6 +401,11 @@ class MqttPublisher:
             )
         )
         self._enqueue(_Outgoing("physio", self.topics.physio, payload, self.settings.qos, False))
+
+    def publish_marker(self, timestamp: float, text: str) -> None:
+        """Queue a trial marker (QoS ``settings.qos``) on ``<prefix>/<session>/marker``."""
+        payload = encode(marker_payload(self.session, timestamp, text))
+        self._enqueue(_Outgoing("marker", self.topics.marker, payload, self.settings.qos, False))
 
     def set_status(
         self, state: str, reason: str = "", details: dict[str, Any] | None = None

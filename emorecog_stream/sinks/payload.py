@@ -98,17 +98,21 @@ def _check_level(text: str, *, what: str) -> None:
 
 @dataclass(frozen=True)
 class Topics:
-    """The three topics of one session."""
+    """The topics of one session."""
 
     prediction: str
     status: str
     physio: str
+    marker: str
 
     @classmethod
     def for_session(cls, session: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> Topics:
         base = f"{validate_topic_prefix(prefix)}/{validate_session_id(session)}"
         return cls(
-            prediction=f"{base}/prediction", status=f"{base}/status", physio=f"{base}/physio"
+            prediction=f"{base}/prediction",
+            status=f"{base}/status",
+            physio=f"{base}/physio",
+            marker=f"{base}/marker",
         )
 
 
@@ -261,14 +265,46 @@ def status_payload(
     return out
 
 
+def marker_payload(session: str, timestamp: float, text: str) -> dict[str, Any]:
+    """A trial marker as received from the LSL marker stream, for ``<prefix>/<session>/marker``.
+
+    ``timestamp`` is the marker's LSL time (the clock of ``volume_timestamp``), so a subscriber
+    can lay trials over the predictions; ``text`` is kept verbatim (subscribers must treat it
+    as untrusted text), and ``marker`` holds its JSON object when it is one of ours
+    (``recordings.session.make_marker``).
+    """
+    from emorecog_stream.recordings.session import parse_marker
+
+    validate_session_id(session)
+    if not isinstance(text, str):
+        raise PayloadError(f"marker text must be a string, got {type(text).__name__}")
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "session": session,
+        "timestamp": _finite("marker timestamp", timestamp),
+        "utc": utc_now(),
+        "text": text,
+    }
+    parsed = parse_marker(text)
+    if parsed is not None:
+        try:
+            json.dumps(parsed, allow_nan=False)
+            out["marker"] = parsed
+        except ValueError:
+            pass  # a NaN inside: the verbatim text still says everything
+    return out
+
+
 def encode(payload: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON (``allow_nan=False``: a NaN would be invalid JSON for subscribers)."""
     return json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
 
 
 def load_schema(kind: str = "prediction") -> dict[str, Any]:
-    """The JSON Schema shipped with the package for ``prediction``, ``physio`` or ``status``."""
-    if kind not in ("prediction", "physio", "status"):
-        raise ValueError(f"schema kind must be prediction, physio or status, got {kind!r}")
+    """The shipped JSON Schema of ``prediction``, ``physio``, ``status`` or ``marker``."""
+    if kind not in ("prediction", "physio", "status", "marker"):
+        raise ValueError(
+            f"schema kind must be prediction, physio, status or marker, got {kind!r}"
+        )
     text = resources.files("emorecog_stream.sinks").joinpath(f"{kind}.schema.json").read_text()
     return json.loads(text)
