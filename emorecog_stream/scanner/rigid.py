@@ -86,7 +86,8 @@ def framewise_displacement(previous: np.ndarray | None, current: np.ndarray) -> 
 def resample(data: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int = 1) -> np.ndarray:
     """Sample ``data`` at ``world @ x`` for every voxel ``x`` of its own grid (float32 out).
 
-    Outside the field of view reads 0, as the scanner sees nothing there.
+    Outside the field of view reads 0, as the scanner sees nothing there (``grid-constant``:
+    scipy's plain ``constant`` mode bends spline interpolation near the edges of the grid).
     """
     from scipy import ndimage
 
@@ -96,7 +97,7 @@ def resample(data: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int
         vox[:3, :3],
         offset=vox[:3, 3],
         order=order,
-        mode="constant",
+        mode="grid-constant",
         cval=0.0,
     )
     return out.astype(np.float32, copy=False)
