@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from emorecog_stream import __version__
 from emorecog_stream.model.api import StreamingModel
 from emorecog_stream.model.net import EmoRecogNet, NetConfig
 from emorecog_stream.model.stepper import StreamingEmoRecogNet
+from emorecog_stream.private_files import replace_private
 from emorecog_stream.streams import CATEGORY_LABELS
 
 FORMAT = "emorecog-net-stream"
@@ -39,6 +44,85 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what was wrong."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file would import and call Python code while loading: refused, nothing of it ran."""
+
+
+_EXPECTED = (
+    "expected a PyTorch checkpoint of tensors and plain values (a .pt zip archive written by"
+    " torch.save, as `emorecog-stream train` and `emorecog-stream convert` write)"
+)
+
+
+def _describe_file(path: Path) -> str:
+    """What ``path`` looks like, in a few words, for an error message (reads its first bytes)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return f"a damaged or cut-off zip archive ({size:,} bytes)"
+        if names and all(n.endswith(".npy") for n in names):
+            return f"a NumPy .npz archive of arrays {[n[:-4] for n in names[:5]]}"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return f"a PyTorch archive whose contents cannot be read ({size:,} bytes)"
+        return f"a zip archive without a PyTorch data.pkl (it holds {names[:5]})"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return (
+            "an HDF5 file (a Keras model? give it as keras-v1:PATH, or turn it into a .pt with"
+            " `emorecog-stream convert`)"
+        )
+    if head.startswith(b"\x80"):
+        return f"a bare pickle stream that is not a checkpoint ({size:,} bytes)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a character cut at the end of the 64 bytes is fine
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+    if text and "".join(text.split()).isprintable():
+        return f"a text file starting with {text.strip().splitlines()[0][:40]!r}"
+    return f"a binary file of {size:,} bytes starting with {head[:8].hex(' ')}"
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that say what was expected and found.
+
+    Why not torch's own messages: for a file that holds code (a pickle that imports and calls a
+    function) torch suggests loading it again with ``weights_only=False``, which is exactly what
+    would run that code on the lab machine. Here such a file is refused with
+    :class:`UnsafeCheckpointError` naming the callable it asked for; any other unreadable file
+    gets a :class:`CheckpointError` describing what the file is instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint {str(path)!r}: no such file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if wanted:
+            raise UnsafeCheckpointError(
+                f"model checkpoint {str(path)!r} refused: loading it would import and call"
+                f" {wanted.group(1)!r}, i.e. run code stored in the file (nothing was run). "
+                + _EXPECTED[0].upper()
+                + _EXPECTED[1:]
+                + "; re-save the weights alone (a state dict) from a copy you trust"
+            ) from None
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: {_EXPECTED}, found {_describe_file(path)}"
+        ) from None
+    except Exception:  # torch raises many types (KeyError, EOFError, RuntimeError) for junk
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: {_EXPECTED}, found {_describe_file(path)}"
+        ) from None
 
 
 def weights_hash(net: EmoRecogNet) -> str:
@@ -74,21 +158,15 @@ def save_checkpoint(
         "training": training or {},
         "metrics": metrics or {},
     }
-    torch.save(checkpoint, path)
+    with replace_private(path) as f:  # owner-only: derived from participants' data
+        torch.save(checkpoint, f)
     return model_id_for(net, __version__)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict of any ``.pt`` file we write (ours or a converted Keras v1 model)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model checkpoint {str(path)!r}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a broken or foreign file
-        raise CheckpointError(
-            f"model checkpoint {str(path)!r}: not a readable PyTorch checkpoint ({exc})"
-        ) from exc
+    data = load_weights_file(path)
     if not isinstance(data, dict) or "format" not in data:
         raise CheckpointError(
             f"model checkpoint {str(path)!r}: expected a dict with a 'format' key"

@@ -217,8 +217,12 @@ def convert_keras_v1(path: str | Path) -> dict[str, Any]:
 
 
 def save_converted(path_in: str | Path, path_out: str | Path) -> dict[str, Any]:
+    """Convert ``path_in`` and write the checkpoint to ``path_out``, readable by its owner only."""
+    from emorecog_stream.private_files import replace_private
+
     ckpt = convert_keras_v1(path_in)
-    torch.save(ckpt, path_out)
+    with replace_private(path_out) as f:
+        torch.save(ckpt, f)
     return ckpt
 
 
@@ -281,13 +285,19 @@ def load_keras_v1_model(path: str | Path, **kwargs: Any) -> KerasV1StreamingMode
         raise KerasV1Error(f"{p}: no such file")
     if h5py.is_hdf5(p) or p.name.lower().endswith((".h5", ".hdf5", ".keras")):
         return KerasV1StreamingModel(load_keras_v1(p), **kwargs)  # says "not an HDF5 file"
+    from emorecog_stream.model.checkpoint import (
+        CheckpointError,
+        UnsafeCheckpointError,
+        load_weights_file,
+    )
+
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types
-        text = str(exc).strip()
-        first_line = text.splitlines()[0] if text else type(exc).__name__
+        ckpt = load_weights_file(p)  # weights_only: a file holding code is refused, not run
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:
         raise KerasV1Error(
-            f"{p}: neither a Keras HDF5 file nor a converted PyTorch checkpoint ({first_line})"
+            f"{p}: neither a Keras HDF5 file nor a converted PyTorch checkpoint ({exc})"
         ) from None
     return KerasV1StreamingModel(_model_from_checkpoint(ckpt, p), **kwargs)
 

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from emorecog_stream.messages import Prediction
+from emorecog_stream.private_files import open_private
 from emorecog_stream.sinks.payload import (
     SCHEMA_VERSION,
     prediction_payload,
@@ -109,7 +110,8 @@ class JsonlLog:
             )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return open(path, "ab", buffering=0)  # owned until close()
+            # owner-only when created: the log holds a participant's physiology
+            return open_private(path, "ab", buffering=0)  # owned until close()
         except OSError as exc:
             raise JsonlLogError(
                 f"cannot open session log {str(path)!r} for appending: "
