@@ -11,10 +11,11 @@ Layout (see ``examples/config.toml`` for a documented example)::
 
     [session]   id, duration
     [streams.fmri] / [streams.ppg] / [streams.resp] / [streams.rates] / [streams.markers]
+    / [streams.motion]
                 enabled, name, type, source_id, channels, rate, rate_tolerance
     [aligner]   hr_window, rr_window, deadline
     [engine]    reset_gap_trs, tr, stall_timeout, fmri_stall_trs, resolve_timeout,
-                model_thread
+                model_thread, fd_threshold
     [mqtt]      url, username, password_env, password_file, tls_ca, tls_cert, tls_key,
                 tls_insecure, client_id, topic_prefix, queue_size, message_expiry
     [model]     path
@@ -37,7 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from emorecog_stream.streams import DEFAULT_LSL_NAME, DEFAULT_LSL_TYPE, N_ROIS, Role
+from emorecog_stream.streams import (
+    DEFAULT_LSL_NAME,
+    DEFAULT_LSL_TYPE,
+    MOTION_CHANNELS,
+    N_ROIS,
+    Role,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,13 +124,20 @@ def _default_stream(role: Role, enabled: bool, channels: int) -> StreamConfig:
 
 @dataclass
 class StreamsConfig:
-    """One entry per role. Rates and markers are off by default (waveforms are the usual input)."""
+    """One entry per role. The rates stream is off by default (waveforms are the usual input).
+
+    Markers and motion are on by default and optional: the engine records trial markers in the
+    log and flags head motion whenever such a stream exists, and runs as before without them.
+    """
 
     fmri: StreamConfig = field(default_factory=lambda: _default_stream(Role.FMRI, True, N_ROIS))
     ppg: StreamConfig = field(default_factory=lambda: _default_stream(Role.PPG, True, 1))
     resp: StreamConfig = field(default_factory=lambda: _default_stream(Role.RESP, True, 1))
     rates: StreamConfig = field(default_factory=lambda: _default_stream(Role.RATES, False, 2))
-    markers: StreamConfig = field(default_factory=lambda: _default_stream(Role.MARKERS, False, 1))
+    markers: StreamConfig = field(default_factory=lambda: _default_stream(Role.MARKERS, True, 1))
+    motion: StreamConfig = field(
+        default_factory=lambda: _default_stream(Role.MOTION, True, len(MOTION_CHANNELS))
+    )
 
     def check(self, section: str) -> None:
         for role in Role:
@@ -135,7 +149,13 @@ class StreamsConfig:
                 f"[{section}.fmri] channels: expected {N_ROIS} (Brainnetome ROIs),"
                 f" found {self.fmri.channels}"
             )
-        for role, n in ((Role.PPG, 1), (Role.RESP, 1), (Role.RATES, 2), (Role.MARKERS, 1)):
+        for role, n in (
+            (Role.PPG, 1),
+            (Role.RESP, 1),
+            (Role.RATES, 2),
+            (Role.MARKERS, 1),
+            (Role.MOTION, len(MOTION_CHANNELS)),
+        ):
             stream = getattr(self, role.value)
             if stream.channels != n:
                 raise ConfigError(
@@ -178,7 +198,9 @@ class EngineSettings:
     start before giving up (fMRI) or running without it (physiology). ``model_thread``: where
     model steps run: ``auto`` (the light NumPy stepper inline on the event loop, any other
     model, or one whose steps take over 2 ms, in one worker thread so a slow step does not hold
-    up arriving chunks), ``always`` or ``never``.
+    up arriving chunks), ``always`` or ``never``. ``fd_threshold``: framewise displacement
+    (mm) above which a prediction carries the ``motion`` flag (needs a ``Motion`` stream; 0.5 mm
+    is the usual censoring threshold, Power et al. 2012).
     """
 
     reset_gap_trs: float = 3.0
@@ -187,6 +209,7 @@ class EngineSettings:
     fmri_stall_trs: float = 2.5
     resolve_timeout: float = 10.0
     model_thread: str = "auto"
+    fd_threshold: float = 0.5
 
     def check(self, section: str) -> None:
         _positive(section, "reset_gap_trs", self.reset_gap_trs)
@@ -200,6 +223,7 @@ class EngineSettings:
             raise ConfigError(
                 f"[{section}] model_thread: expected one of {choices}, found {self.model_thread!r}"
             )
+        _positive(section, "fd_threshold", self.fd_threshold)
 
 
 @dataclass

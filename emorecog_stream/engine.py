@@ -15,6 +15,10 @@ Why it is shaped like this:
   ``degraded`` with the reason; a stalled fMRI stream pauses predictions (``paused``). A chunk
   that does not fit (wrong channel count, wrong shape) is rejected and reported, never a crash;
   non-finite ROI values are replaced by the aligner and flagged.
+* **Head motion beside, not in, the model.** A ``Motion`` stream (the scanner bridge's) is
+  matched to each volume by timestamp (:mod:`emorecog_stream.motion`); its framewise
+  displacement rides on the prediction, and a volume above ``fd_threshold`` is flagged
+  ``motion``. A motion sample that has not arrived when the step is ready is not waited for.
 * **Slow models off the loop.** The shipped NumPy stepper (~0.04 ms) steps inline; any other
   model (Keras v1: ~55 ms a step) steps in one worker thread, in order, and its predictions are
   numbered and published in that order when they come back (``[engine] model_thread``).
@@ -42,6 +46,7 @@ from emorecog_stream.aligner import Aligner, AlignerConfig
 from emorecog_stream.config import Config
 from emorecog_stream.messages import AlignedStep, Prediction
 from emorecog_stream.model.api import StepOutput, StreamingModel
+from emorecog_stream.motion import MotionSample, MotionTrack
 from emorecog_stream.session_state import (
     ROLE_LABEL,
     ROLE_RATES,
@@ -50,7 +55,7 @@ from emorecog_stream.session_state import (
     StatusTracker,
 )
 from emorecog_stream.sinks.payload import utc_now
-from emorecog_stream.streams import CATEGORY_LABELS, N_ROIS, Role
+from emorecog_stream.streams import CATEGORY_LABELS, MOTION_CHANNELS, N_ROIS, Role
 from emorecog_stream.telemetry import EngineSnapshot, StreamState, TelemetryRecorder
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,7 @@ _EXPECTED_CHANNELS: dict[Role, int] = {
     Role.PPG: 1,
     Role.RESP: 1,
     Role.RATES: 2,
+    Role.MOTION: len(MOTION_CHANNELS),
 }
 
 
@@ -101,6 +107,8 @@ class EngineCounters:
     model_errors: int = 0
     deadline_steps: int = 0
     markers: int = 0
+    motion_flagged: int = 0  # predictions flagged "motion" (FD above the threshold)
+    motion_missing: int = 0  # steps ready before their motion sample (FD unknown)
 
 
 #: Model steps slower than this (seconds, three in a row) move to the model thread under "auto".
@@ -124,6 +132,7 @@ class _PendingStep:
     reset: bool
     flags: tuple[str, ...]
     ready_at: float  # LSL clock
+    motion: MotionSample | None = None
 
 
 class InputError(ValueError):
@@ -196,6 +205,9 @@ class Engine:
         self._slow_steps = 0
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: deque[tuple[_PendingStep, asyncio.Future[Any]]] = deque()
+        self.motion = MotionTrack()
+        self.fd_threshold = config.engine.fd_threshold
+        self._motion_stream = False  # a Motion stream was found: a volume without FD is flagged
 
     # -- time -----------------------------------------------------------------------------
 
@@ -224,6 +236,8 @@ class Engine:
         TR on the engine's clock is ``time_scale / nominal_rate``.
         """
         self.telemetry.add_stream(role.value, name, max(0.0, float(nominal_rate)))
+        if role is Role.MOTION:
+            self._motion_stream = True
         if role is Role.FMRI and nominal_rate > 0:
             self.session.set_nominal_tr(self.time_scale / nominal_rate)
         if role in (Role.PPG, Role.RESP) and nominal_rate > 0:
@@ -236,8 +250,16 @@ class Engine:
             self._set_waiting()
 
     def stream_absent(self, role: Role, reason: str) -> None:
-        """A configured stream is not available (not found at start, or lost for good)."""
-        self.status_tracker.mark_absent(role, reason)
+        """A configured stream is not available (not found at start, or lost for good).
+
+        A motion stream that breaks its spec (e.g. the wrong channel count) is reported like a
+        rejected chunk: status ``degraded`` with the reason, until good motion samples come.
+        """
+        if role is Role.MOTION:
+            self._input_errors[role] = f"{reason}: framewise displacement unknown"
+            log.warning("%s", self._input_errors[role])
+        else:
+            self.status_tracker.mark_absent(role, reason)
         self._update_status()
 
     # -- the hot path -------------------------------------------------------------------------
@@ -267,6 +289,12 @@ class Engine:
         monitor = self.telemetry.monitors.get(role.value)
         if monitor is not None:
             monitor.add(stamps)
+        if role is Role.MOTION:
+            # not model input: kept on the LSL clock until its volume's step looks it up
+            self.motion.push(values, stamps)
+            self.status_tracker.arrived(role, self.to_engine(received))
+            self._update_status()  # a good sample clears an earlier motion error
+            return []
         engine_stamps = stamps if self.time_scale == 1.0 else self.to_engine(stamps)
         try:
             self.aligner.push(role, values, engine_stamps)
@@ -367,7 +395,25 @@ class Engine:
             flags.append("roi_nonfinite")
         if not step.roi_valid:
             flags.append("roi_invalid")
-        return _PendingStep(step, admission.tr_index, admission.reset, tuple(flags), ready_at)
+        motion = self.motion.match(self.to_lsl(step.timestamp))
+        fd = None if motion is None else motion.framewise_displacement
+        if fd is not None and fd > self.fd_threshold:
+            flags.append("motion")
+            self.counters.motion_flagged += 1
+        elif motion is None and self._motion_stream:
+            # never waited for: the prediction goes out now with its FD unknown
+            self.counters.motion_missing += 1
+            flags.append("motion_missing")
+            step = replace(
+                step,
+                notes=(
+                    *step.notes,
+                    "framewise displacement unknown: the volume's motion sample had not arrived",
+                ),
+            )
+        return _PendingStep(
+            step, admission.tr_index, admission.reset, tuple(flags), ready_at, motion
+        )
 
     def _run_model(self, pending: _PendingStep) -> StepOutput | BaseException:
         """Reset (when due) and step the model; runs inline or in the model thread, never both
@@ -416,6 +462,14 @@ class Engine:
             latency_ms=max(0.0, (self.clock() - pending.ready_at) * 1000.0),
             level=out.level,
             flags=pending.flags,
+            framewise_displacement=(
+                None if pending.motion is None else pending.motion.framewise_displacement
+            ),
+            motion_params=(
+                pending.motion.params
+                if pending.motion is not None and pending.motion.params_finite
+                else None
+            ),
         )
         self._sequence += 1
         self.counters.predictions += 1
@@ -585,7 +639,8 @@ class Engine:
         The same judgement as the status topic (stall timeout for physiology, ``fmri_stall_trs``
         TRs for fMRI, on the engine's clock), so the dashboard and the status never disagree;
         an inlet that reported an error is ``lost``; a rejected chunk is noted. Markers are
-        irregular: silence is normal, so they count as connected once resolved.
+        irregular: silence is normal, so they count as connected once resolved. Motion comes
+        once per volume, so it is judged like fMRI.
         """
         now = self.now()
         tracker = self.status_tracker
@@ -605,11 +660,12 @@ class Engine:
             elif not seen:
                 state = StreamState.ABSENT
                 note = stalled.get(role, "")
-            elif role is Role.FMRI:
+            elif role in (Role.FMRI, Role.MOTION):
                 silent = now - tracker.last_arrival[role]
                 if tr is not None and silent > tracker.fmri_stall_trs * tr:
                     state = StreamState.STALLED
-                    note = f"no volume for more than {tracker.fmri_stall_trs:g} TRs"
+                    what = "volume" if role is Role.FMRI else "motion sample"
+                    note = f"no {what} for more than {tracker.fmri_stall_trs:g} TRs"
                 else:
                     state = StreamState.CONNECTED
             elif role in stalled:

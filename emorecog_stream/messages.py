@@ -65,3 +65,6 @@ class Prediction:
     latency_ms: float  # from the step becoming ready (last needed sample) to publish hand-off
     level: int | None = None  # arg-max level (-4..4) for models with a 9-way level head
     flags: tuple[str, ...] = ()  # e.g. "heart_rate_missing", "deadline_expired", "state_reset"
+    # head motion of the volume (the Motion stream); None when there is none or it was late
+    framewise_displacement: float | None = None  # mm (Power et al. 2012)
+    motion_params: tuple[float, float, float, float, float, float] | None = None  # mm x3, rad x3

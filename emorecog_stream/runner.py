@@ -62,6 +62,7 @@ def mqtt_settings_for(config: Config, url: str) -> Any:
         "queue_capacity": m.queue_size,
         "message_expiry_s": m.message_expiry or None,
         "tls_insecure": m.tls_insecure,
+        "allow_insecure": m.allow_insecure,
     }
     for key, value in (
         ("username", m.username),
@@ -177,7 +178,9 @@ async def run_engine(
             stack.callback(log.close)  # no-op after the engine closed it
 
         physio = [r for r in config.streams.enabled_roles() if r in ROLE_RATES]
-        optional = [*physio, Role.MARKERS]
+        # markers and motion are optional: recorded / used whenever they exist, and looked
+        # for in the background (a bridge started after the engine is picked up then)
+        optional = [*physio, Role.MARKERS, Role.MOTION]
         group = InletGroup(inlet_specs(config), optional=optional)
         say(f"looking for the fMRI stream ({_describe_stream(config, Role.FMRI)}) ...")
         try:

@@ -36,6 +36,7 @@ ROLE_LABEL: dict[Role, str] = {
     Role.RESP: "respiration",
     Role.RATES: "physiology rates",
     Role.MARKERS: "markers",
+    Role.MOTION: "motion",
 }
 
 

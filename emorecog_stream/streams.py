@@ -1,9 +1,10 @@
 """Names, types and shapes that every part of the engine agrees on.
 
 LSL has no standard stream type for fMRI ROI volumes, so we choose ``fMRI``; ``PPG``,
-``Respiration`` and ``Markers`` follow common use. Replay outlets and live inlets both read
-these defaults (overridable in the config), which is why a replay is indistinguishable from a
-live session.
+``Respiration`` and ``Markers`` follow common use; ``Motion`` carries the scanner bridge's head
+motion per volume (same timestamp as the volume's fMRI sample). Replay outlets and live inlets
+both read these defaults (overridable in the config), which is why a replay is
+indistinguishable from a live session.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Role(str, Enum):
     RESP = "resp"
     RATES = "rates"
     MARKERS = "markers"
+    MOTION = "motion"
 
 
 DEFAULT_LSL_TYPE: dict[Role, str] = {
@@ -37,6 +39,7 @@ DEFAULT_LSL_TYPE: dict[Role, str] = {
     Role.RESP: "Respiration",
     Role.RATES: "PhysioRates",
     Role.MARKERS: "Markers",
+    Role.MOTION: "Motion",
 }
 
 DEFAULT_LSL_NAME: dict[Role, str] = {
@@ -45,10 +48,26 @@ DEFAULT_LSL_NAME: dict[Role, str] = {
     Role.RESP: "EmoRecog-Resp",
     Role.RATES: "EmoRecog-Rates",
     Role.MARKERS: "EmoRecog-Markers",
+    Role.MOTION: "EmoRecog-Motion",
 }
 
 RATES_CHANNELS: tuple[str, str] = ("heart_rate", "respiration_rate")
 RATES_UNITS: tuple[str, str] = ("bpm", "breaths/min")
+
+MOTION_CHANNELS: tuple[str, ...] = (
+    "trans_x",
+    "trans_y",
+    "trans_z",
+    "rot_x",
+    "rot_y",
+    "rot_z",
+    "framewise_displacement",
+)
+"""Channels of the ``Motion`` stream, one sample per volume: rigid-body parameters as FSL
+MCFLIRT reports them (translations in scanner axes, rotations about the field of view's
+centre) and the volume's framewise displacement (Power et al. 2012, rotations on a 50 mm
+sphere)."""
+MOTION_UNITS: tuple[str, ...] = ("mm", "mm", "mm", "rad", "rad", "rad", "mm")
 
 
 def roi_labels(n: int = N_ROIS) -> list[str]:

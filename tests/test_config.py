@@ -30,7 +30,16 @@ def test_defaults_are_valid_and_match_the_stream_conventions() -> None:
     assert config.streams.fmri.channels == N_ROIS
     assert config.streams.fmri.type == "fMRI"
     assert config.streams.ppg.type == "PPG"
-    assert config.streams.enabled_roles() == [Role.FMRI, Role.PPG, Role.RESP]
+    # markers and motion are on by default, resolved as optional streams by the runner
+    assert config.streams.enabled_roles() == [
+        Role.FMRI,
+        Role.PPG,
+        Role.RESP,
+        Role.MARKERS,
+        Role.MOTION,
+    ]
+    assert config.streams.motion.type == "Motion" and config.streams.motion.channels == 7
+    assert config.engine.fd_threshold == 0.5
     assert config.mqtt.url == ""  # embedded broker
     assert config.output.dashboard is True
 
@@ -48,6 +57,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
             "fmri_stall_trs",
             "resolve_timeout",
             "model_thread",
+            "fd_threshold",
         ],
         "mqtt": ["url", "username", "password_env", "password_file", "tls_ca", "queue_size"],
         "model": ["path"],
@@ -56,6 +66,19 @@ def test_example_config_loads_and_documents_every_key() -> None:
         assert f"[{section}]" in text
         for key in keys:
             assert f"{key} =" in text, key
+    for role in Role:
+        assert f"[streams.{role.value}]" in text, role
+
+
+def test_motion_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"\[engine\] fd_threshold: expected a number > 0"):
+        config_from_dict({"engine": {"fd_threshold": 0}})
+    with pytest.raises(ConfigError, match=r"\[streams.motion\] channels: expected 7, found 6"):
+        config_from_dict({"streams": {"motion": {"channels": 6}}})
+    config = config_from_dict(
+        {"engine": {"fd_threshold": 0.3}, "streams": {"motion": {"enabled": False}}}
+    )
+    assert config.engine.fd_threshold == 0.3 and Role.MOTION not in config.streams.enabled_roles()
 
 
 def test_values_from_file_and_stream_defaults_kept(tmp_path: Path) -> None:

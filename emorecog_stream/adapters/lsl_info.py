@@ -23,6 +23,8 @@ from emorecog_stream.streams import (
     ATLAS,
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,
+    MOTION_CHANNELS,
+    MOTION_UNITS,
     RATES_CHANNELS,
     RATES_UNITS,
     Role,
@@ -39,6 +41,7 @@ CHANNEL_TYPE: dict[Role, str] = {
     Role.RESP: "RESP",
     Role.RATES: "RATE",
     Role.MARKERS: "Marker",
+    Role.MOTION: "Motion",
 }
 
 DEFAULT_UNITS: dict[Role, str] = {
@@ -118,6 +121,8 @@ def default_labels(role: Role, n_channels: int) -> tuple[str, ...]:
         return tuple(roi_labels(n_channels))
     if role is Role.RATES:
         return RATES_CHANNELS[:n_channels]
+    if role is Role.MOTION:
+        return MOTION_CHANNELS[:n_channels]
     if role is Role.MARKERS:
         return ("marker",)
     return (
@@ -130,6 +135,8 @@ def default_labels(role: Role, n_channels: int) -> tuple[str, ...]:
 def default_units(role: Role, n_channels: int) -> tuple[str, ...]:
     if role is Role.RATES:
         return RATES_UNITS[:n_channels]
+    if role is Role.MOTION:
+        return MOTION_UNITS[:n_channels]
     return (DEFAULT_UNITS.get(role, ""),) * n_channels
 
 

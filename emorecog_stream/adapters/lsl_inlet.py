@@ -59,7 +59,7 @@ from emorecog_stream.adapters.lsl_info import (
     parse_metadata,
     stream_identity,
 )
-from emorecog_stream.streams import N_ROIS, Role
+from emorecog_stream.streams import MOTION_CHANNELS, N_ROIS, Role
 
 
 class LslAdapterError(Exception):
@@ -93,6 +93,7 @@ DEFAULT_CHANNELS: dict[Role, int] = {
     Role.RESP: 1,
     Role.RATES: 2,
     Role.MARKERS: 1,
+    Role.MOTION: len(MOTION_CHANNELS),
 }
 
 _BASE_FLAGS = pylsl.proc_clocksync | pylsl.proc_monotonize | pylsl.proc_threadsafe

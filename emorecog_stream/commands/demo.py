@@ -96,7 +96,7 @@ def demo_config(args: argparse.Namespace, tag: str) -> Any:
         "output.dashboard": False if args.no_dashboard else None,
         "session.duration": args.duration,
     }
-    for role in (Role.FMRI, Role.PPG, Role.RESP):
+    for role in Role:  # every role, markers and motion included: never a lab's streams
         name, type_, source_id = stream_identity(role, tag)
         overrides[f"streams.{role.value}.name"] = name
         overrides[f"streams.{role.value}.type"] = type_

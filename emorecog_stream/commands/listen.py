@@ -52,6 +52,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="FILE", help="client key for mqtts://")
     parser.add_argument("--insecure", action="store_true",
                         help="mqtts:// without certificate checks (testing only)")  # fmt: skip
+    parser.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="allow sending the password in clear (mqtt://) to a broker off this machine",
+    )
 
 
 def _fmt_rate(value: Any, valid: Any, unit: str) -> str:
@@ -154,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
             cert_file=args.cert_file,
             key_file=args.key_file,
             tls_insecure=args.insecure,
+            allow_insecure=args.allow_insecure,
             topic_prefix=args.prefix,
         )
         session = "+" if args.session is None else validate_session_id(args.session)

@@ -33,6 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one log line per TR instead of the terminal dashboard",
     )
+    parser.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="allow sending the MQTT password in clear (mqtt://) to a broker off this machine",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,6 +49,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "output.log": args.log,
         "session.duration": args.duration,
         "output.dashboard": False if args.no_dashboard else None,
+        "mqtt.allow_insecure": True if args.allow_insecure else None,
     }
 
 

@@ -26,6 +26,10 @@ task owns the connection:
   disconnects cleanly.
 * **Secrets.** The password comes from an environment variable or a file (never from the URL
   or the command line); ``repr`` of the settings and every message this module logs leave it out.
+  A password is never sent in clear (``mqtt://``) to a broker off this machine unless
+  ``allow_insecure`` says so: the settings refuse it before anything connects. TLS
+  (``mqtts://``) checks the broker's certificate and host name against the system CAs or
+  ``ca_file``; only ``tls_insecure`` turns that off.
 
 MQTT 5 properties: content type ``application/json`` on every message and a message expiry
 interval (``message_expiry_s``) on predictions and physio. ``protocol="auto"`` tries MQTT 5 and
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -94,6 +99,21 @@ class MqttConfigError(ValueError):
     """A broker URL, credential or TLS setting that cannot work (says which and why)."""
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1), which never leave
+    this machine. Names are not resolved: a name that merely resolves to 127.0.0.1 today is a
+    remote host as far as sending a password is concerned."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or bool(mapped is not None and mapped.is_loopback)
+
+
 def read_password(env: str | None = None, file: str | os.PathLike[str] | None = None) -> str | None:
     """The broker password from the environment variable ``env`` or the file ``file``.
 
@@ -138,6 +158,7 @@ class MqttSettings:
     cert_file: str | None = None
     key_file: str | None = None
     tls_insecure: bool = False  # skip certificate and host-name checks (testing only)
+    allow_insecure: bool = False  # allow a password in clear (mqtt://) to a non-loopback host
     client_id: str | None = None  # default: emorecog-<session>-<random>
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     qos: int = 1  # predictions and physio; status is always QoS 1
@@ -188,6 +209,18 @@ class MqttSettings:
                 raise MqttConfigError(f"TLS {name.replace('_', ' ')} {value} does not exist")
         if (self.ca_file or self.cert_file or self.tls_insecure) and not self.tls:
             raise MqttConfigError("TLS options need an mqtts:// URL")
+        if (
+            self.password is not None
+            and not self.tls
+            and not self.allow_insecure
+            and not is_loopback_host(self.host)
+        ):
+            raise MqttConfigError(
+                f"refusing to send the MQTT password for user {self.username!r} in clear text to"
+                f" {self.host}:{self.port} (mqtt:// has no encryption and the broker is not on"
+                " this machine): use mqtts:// (TLS), or allow it with --allow-insecure"
+                " ([mqtt] allow_insecure = true) on a network you trust"
+            )
         if self.key_file and not self.cert_file:
             raise MqttConfigError("a TLS key file needs a certificate file (cert_file)")
         try:
