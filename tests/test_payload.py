@@ -158,3 +158,57 @@ def test_load_schema_kinds() -> None:
     assert load_schema("status")["title"].endswith("status")
     with pytest.raises(ValueError, match="prediction, physio, status or marker"):
         load_schema("nope")
+
+
+def test_framewise_displacement_travels_in_prediction_and_physio() -> None:
+    params = (0.1, -0.2, 0.3, 0.001, -0.002, 0.003)
+    p = sample_prediction("s", 5, framewise_displacement=0.62, motion_params=params)
+    pred = prediction_payload(p)
+    physio = physio_payload(p)
+    validator("prediction").validate(json.loads(encode(pred)))
+    validator("physio").validate(json.loads(encode(physio)))
+    assert pred["framewise_displacement"] == 0.62 and physio["framewise_displacement"] == 0.62
+    assert physio["motion"] == {
+        "trans_x": 0.1,
+        "trans_y": -0.2,
+        "trans_z": 0.3,
+        "rot_x": 0.001,
+        "rot_y": -0.002,
+        "rot_z": 0.003,
+    }
+    assert "motion" not in pred  # the six parameters ride on the physio topic only
+
+
+def test_without_motion_the_displacement_is_null_and_valid() -> None:
+    p = sample_prediction("s", 6)
+    pred, physio = prediction_payload(p), physio_payload(p)
+    assert pred["framewise_displacement"] is None
+    assert physio["framewise_displacement"] is None and physio["motion"] is None
+    validator("prediction").validate(json.loads(encode(pred)))
+    validator("physio").validate(json.loads(encode(physio)))
+    # payloads of engines from before the Motion stream (no such keys) stay valid v1 payloads
+    old = {k: v for k, v in pred.items() if k != "framewise_displacement"}
+    assert validator("prediction").is_valid(old)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"framewise_displacement": math.nan}, "framewise_displacement must be finite"),
+        ({"framewise_displacement": -0.1}, "framewise_displacement must be >= 0"),
+        ({"motion_params": (0.0, 0.0, 0.0)}, "motion parameters must be 6 values"),
+        ({"motion_params": (0.0, 0.0, math.inf, 0.0, 0.0, 0.0)}, "trans_z must be finite"),
+    ],
+)
+def test_bad_motion_is_refused_with_a_clear_error(overrides: dict, message: str) -> None:
+    with pytest.raises(PayloadError, match=message):
+        physio_payload(sample_prediction("s", 3, **overrides))
+
+
+def test_schemas_reject_a_negative_displacement_and_partial_motion() -> None:
+    p = sample_prediction("s", 7, framewise_displacement=0.2, motion_params=(0.0,) * 6)
+    pred, physio = prediction_payload(p), physio_payload(p)
+    assert not validator("prediction").is_valid(dict(pred, framewise_displacement=-1.0))
+    assert not validator("physio").is_valid(dict(physio, framewise_displacement="0.2"))
+    partial = dict(physio, motion={"trans_x": 0.0})
+    assert not validator("physio").is_valid(partial)

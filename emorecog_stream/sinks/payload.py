@@ -11,7 +11,8 @@ wildcards or extra levels into the topic: :func:`validate_session_id` rejects ``
 ``/``, control characters, empty ids and ids longer than :data:`MAX_SESSION_ID_LENGTH`.
 
 JSON has no NaN: a missing heart or respiration rate is ``null`` with its ``*_valid`` flag
-false. Non-finite probabilities, intensity or latency are a bug upstream and raise
+false; an unknown framewise displacement (no ``Motion`` stream, or its sample was late) is
+``null``. Non-finite probabilities, intensity or latency are a bug upstream and raise
 :class:`PayloadError` rather than publishing a silently wrong value.
 """
 
@@ -26,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 from emorecog_stream.messages import Prediction
-from emorecog_stream.streams import CATEGORY_LABELS
+from emorecog_stream.streams import CATEGORY_LABELS, MOTION_CHANNELS
 
 SCHEMA_VERSION = 1
 """Bumped when a payload field changes meaning or disappears (adding a field does not bump it)."""
@@ -140,6 +141,26 @@ def _rate(name: str, value: float | None, valid: bool) -> float | None:
     return out
 
 
+def _displacement(value: float | None) -> float | None:
+    """Framewise displacement (mm) for JSON: ``None`` stays null; otherwise finite and >= 0."""
+    if value is None:
+        return None
+    out = _finite("framewise_displacement", value)
+    if out < 0:
+        raise PayloadError(f"framewise_displacement must be >= 0 mm, got {out}")
+    return out
+
+
+def _motion(params: tuple[float, ...] | None) -> dict[str, float] | None:
+    """The six rigid-body parameters by name (``trans_x`` ... ``rot_z``), or None."""
+    if params is None:
+        return None
+    names = MOTION_CHANNELS[:6]
+    if len(params) != len(names):
+        raise PayloadError(f"motion parameters must be {len(names)} values {names}, got {params}")
+    return {n: _finite(n, v) for n, v in zip(names, params, strict=True)}
+
+
 def _int(name: str, value: object, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PayloadError(f"{name} must be an integer, got {value!r}")
@@ -190,6 +211,7 @@ def prediction_payload(prediction: Prediction) -> dict[str, Any]:
         "model_id": str(p.model_id),
         "latency_ms": _finite("latency_ms", p.latency_ms),
         "flags": [str(f) for f in p.flags],
+        "framewise_displacement": _displacement(p.framewise_displacement),
     }
 
 
@@ -202,7 +224,8 @@ def physio_payload(
     """The per-TR physiology published on ``<prefix>/<session>/physio``.
 
     Qualities (0..1) are optional because a ``Prediction`` does not carry them; the engine
-    passes them from its ``AlignedStep`` when it has one.
+    passes them from its ``AlignedStep`` when it has one. The volume's head motion (framewise
+    displacement and the six rigid-body parameters) is null without a ``Motion`` stream.
     """
     p = prediction
     validate_session_id(p.session)
@@ -217,6 +240,8 @@ def physio_payload(
         "heart_rate_valid": bool(p.heart_rate_valid and p.heart_rate is not None),
         "respiration_rate": _rate("respiration_rate", p.respiration_rate, p.respiration_rate_valid),
         "respiration_rate_valid": bool(p.respiration_rate_valid and p.respiration_rate is not None),
+        "framewise_displacement": _displacement(p.framewise_displacement),
+        "motion": _motion(p.motion_params),
     }
     for name, q in (
         ("heart_rate_quality", heart_rate_quality),
