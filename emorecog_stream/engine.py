@@ -238,6 +238,7 @@ class Engine:
         self.telemetry.add_stream(role.value, name, max(0.0, float(nominal_rate)))
         if role is Role.MOTION:
             self._motion_stream = True
+            self.telemetry.fd_threshold = self.fd_threshold
         if role is Role.FMRI and nominal_rate > 0:
             self.session.set_nominal_tr(self.time_scale / nominal_rate)
         if role in (Role.PPG, Role.RESP) and nominal_rate > 0:

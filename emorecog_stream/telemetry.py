@@ -424,6 +424,8 @@ class EngineSnapshot:
     flags: tuple[str, ...] = ()
     utc: str | None = None  # UTC time of the last prediction
     volume_timestamp: float | None = None  # LSL timestamp of the last prediction's volume
+    framewise_displacement: float | None = None  # mm, of the last prediction's volume
+    fd_threshold: float | None = None  # mm; None while no Motion stream is known
 
     def with_updates(self, **changes: object) -> EngineSnapshot:
         """A copy with some fields replaced (the snapshot itself never changes)."""
@@ -461,6 +463,7 @@ class TelemetryRecorder:
         self.monitors: dict[str, StreamMonitor] = {}
         self.mqtt: MqttStatsLike = MqttStats()
         self._last: Prediction | None = None
+        self.fd_threshold: float | None = None  # set by the engine once a Motion stream is found
         self._hr_quality: float | None = None
         self._rr_quality: float | None = None
 
@@ -557,4 +560,6 @@ class TelemetryRecorder:
             flags=() if p is None else tuple(p.flags),
             utc=None if p is None else p.utc,
             volume_timestamp=None if p is None else p.volume_timestamp,
+            framewise_displacement=None if p is None else p.framewise_displacement,
+            fd_threshold=self.fd_threshold,
         )

@@ -395,3 +395,28 @@ def test_dashboard_refresh_thread_picks_up_updates_while_running() -> None:
             while f"session {name}" not in out.getvalue() and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert f"session {name}" in out.getvalue()
+
+
+# --- head motion (the Motion stream) ---------------------------------------------------------
+
+
+def test_render_shows_framewise_displacement_against_the_threshold() -> None:
+    calm = _text(_snapshot(framewise_displacement=0.12, fd_threshold=0.5), width=80)
+    row = next(ln for ln in calm.splitlines() if "Head FD" in ln)
+    assert "0.12 mm" in row and "<= 0.5 mm" in row
+    assert max(len(ln) for ln in calm.splitlines()) <= 80
+    moved = _text(_snapshot(framewise_displacement=0.83, fd_threshold=0.5, flags=("motion",)))
+    row = next(ln for ln in moved.splitlines() if "Head FD" in ln)
+    assert "0.83 mm" in row and "> 0.5 mm" in row
+    assert "motion" in next(ln for ln in moved.splitlines() if "flags" in ln)
+    late = _text(_snapshot(framewise_displacement=None, fd_threshold=0.5))
+    assert "unknown" in next(ln for ln in late.splitlines() if "Head FD" in ln)
+    assert "Head FD" not in _text(_snapshot())  # no Motion stream: no row, as before
+
+
+def test_log_line_carries_the_framewise_displacement_when_known() -> None:
+    line = format_log_line(_pred(framewise_displacement=0.734, flags=("motion",)))
+    assert "RR missing  FD 0.73 mm  latency 3.2 ms" in line and line.endswith("[motion]")
+    assert "FD" not in format_log_line(_pred())  # no Motion stream: the line is as before
+    snap = format_log_line(_snapshot(utc="2026-11-25T10:15:43Z", framewise_displacement=0.2))
+    assert "RR  14.2 /min  FD 0.20 mm  latency 3.0 ms" in snap

@@ -195,6 +195,17 @@ def _rate_value(value: float | None, valid: bool, unit: str, quality: float | No
     return out
 
 
+def _fd_value(fd: float | None, threshold: float | None) -> Text:
+    """The last volume's framewise displacement, red above the flag threshold."""
+    if fd is None or not math.isfinite(fd):
+        return Text("unknown", style="bold yellow")
+    above = threshold is not None and fd > threshold
+    out = Text(f"{fd:.2f} mm", style="bold red" if above else "bold")
+    if threshold is not None:
+        out.append(f"  {'>' if above else '<='} {threshold:g} mm", style="red" if above else "dim")
+    return out
+
+
 def _side_panel(snap: EngineSnapshot) -> Panel:
     """Physiology, latency and MQTT: short label/value rows that fit half an 80-column screen."""
     g = Table.grid(padding=(0, 1))
@@ -213,6 +224,8 @@ def _side_panel(snap: EngineSnapshot) -> Panel:
             snap.respiration_rate_quality,
         ),
     )
+    if snap.fd_threshold is not None or snap.framewise_displacement is not None:
+        g.add_row("Head FD", _fd_value(snap.framewise_displacement, snap.fd_threshold))
     lat = snap.latency
     latency = Text(f"p50 {_fmt(lat.p50_ms, '.1f', ' ms')}  p99 {_fmt(lat.p99_ms, '.1f', ' ms')}")
     latency.append(f"  max {_fmt(lat.max_ms, '.1f', ' ms')}  n={lat.count}", style="dim")
@@ -443,8 +456,14 @@ def _step_parts(
     intensity_text: str,
     heart_rate: tuple[float | None, bool],
     respiration_rate: tuple[float | None, bool],
+    framewise_displacement: float | None = None,
 ) -> list[str]:
-    """The fields a log line shows for one TR, whether it comes from a prediction or a snapshot."""
+    """The fields a log line shows for one TR, whether it comes from a prediction or a snapshot.
+
+    The framewise displacement is shown when known (a Motion stream delivers it).
+    """
+    fd = framewise_displacement
+    motion = [f"FD {fd:.2f} mm"] if fd is not None and math.isfinite(fd) else []
     return [
         _clock(utc),
         f"TR {tr_index:4d}",
@@ -455,21 +474,24 @@ def _step_parts(
         f"intensity {intensity_text}",
         _log_rate("HR", *heart_rate, "bpm"),
         _log_rate("RR", *respiration_rate, "/min"),
+        *motion,
     ]
 
 
 def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None = None) -> str:
     """One plain line per TR for headless runs (no colour codes, greppable).
 
-    ``time TR n category neg/neu/pos intensity HR RR latency mqtt [flags]``; a missing rate is
-    written ``missing``. A snapshot carries its MQTT state; for a bare prediction pass
-    ``mqtt_state`` (omitted from the line when None).
+    ``time TR n category neg/neu/pos intensity HR RR [FD] latency mqtt [flags]``; a missing
+    rate is written ``missing``; FD (mm) appears when the volume's head motion is known. A
+    snapshot carries its MQTT state; for a bare prediction pass ``mqtt_state`` (omitted from
+    the line when None).
     """
     if isinstance(item, Prediction):
         p = item
         parts = _step_parts(
             p.utc, p.tr_index, p.category, p.probabilities, f"{p.intensity:+.2f}",
             (p.heart_rate, p.heart_rate_valid), (p.respiration_rate, p.respiration_rate_valid),
+            p.framewise_displacement,
         )  # fmt: skip
         parts.append(f"latency {p.latency_ms:.1f} ms")
         if mqtt_state is not None:
@@ -487,6 +509,7 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
                 s.utc, s.tr_index, s.category or _MISSING, s.probabilities,
                 _fmt(s.intensity, "+.2f"),
                 (s.heart_rate, s.heart_rate_valid), (s.respiration_rate, s.respiration_rate_valid),
+                s.framewise_displacement,
             )  # fmt: skip
             parts.append(f"latency {_fmt(s.latency.last_ms, '.1f', ' ms')}")
             if s.status.lower() not in ("online", "running"):
