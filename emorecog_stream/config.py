@@ -20,6 +20,8 @@ Layout (see ``examples/config.toml`` for a documented example)::
                 tls_insecure, client_id, topic_prefix, queue_size, message_expiry
     [model]     path
     [output]    log, dashboard
+    [web]       enabled, host, port, session, history, target, smooth, shape, color,
+                background, track
 
 Relative paths in a file (model, log, password and TLS files) are taken relative to the
 file's own folder, so a config and its files can move together; paths given as flags are
@@ -298,6 +300,54 @@ class OutputConfig:
         pass
 
 
+_WEB_TARGETS = ("negative", "neutral", "positive", "intensity")
+_WEB_SHAPES = ("thermometer", "bar", "circle")
+
+
+@dataclass
+class WebConfig:
+    """The live web pages (``emorecog-stream web``, ``run --web``, ``demo``; docs/web.md).
+
+    ``enabled`` starts them with ``run``; ``host``/``port`` where they listen (any host but
+    loopback needs the token printed at start); ``session`` only this session (empty: all);
+    ``history`` predictions kept for a newly opened page. The rest are the feedback page's
+    defaults, which its URL overrides: ``target`` (a category or ``intensity``), ``smooth``
+    (mean over that many TRs), ``shape`` and the colours (CSS colours).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    session: str = ""
+    history: int = 600
+    target: str = "positive"
+    smooth: int = 3
+    shape: str = "thermometer"
+    color: str = "#4fb3d9"
+    background: str = "#000000"
+    track: str = "#1c1c1c"
+
+    def check(self, section: str) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"[{section}] port: expected 0..65535, found {self.port}")
+        if not self.host:
+            raise ConfigError(f"[{section}] host: expected an address, found an empty string")
+        if self.history < 1:
+            raise ConfigError(f"[{section}] history: expected >= 1, found {self.history}")
+        if not 1 <= self.smooth <= 100:
+            raise ConfigError(f"[{section}] smooth: expected 1..100 TRs, found {self.smooth}")
+        if self.target not in _WEB_TARGETS:
+            raise ConfigError(
+                f"[{section}] target: expected one of {', '.join(_WEB_TARGETS)},"
+                f" found {self.target!r}"
+            )
+        if self.shape not in _WEB_SHAPES:
+            raise ConfigError(
+                f"[{section}] shape: expected one of {', '.join(_WEB_SHAPES)},"
+                f" found {self.shape!r}"
+            )
+
+
 @dataclass
 class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
@@ -307,6 +357,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def check(self) -> None:
         """Validate every section (also run after flags are applied)."""

@@ -38,6 +38,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow sending the MQTT password in clear (mqtt://) to a broker off this machine",
     )
+    parser.add_argument(
+        "--replay-speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="the streams are a replay sped up X times (`replay --speed X`; soak tests, demos):"
+        " windows, deadlines and stall timeouts stay in session seconds (default 1: live)",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,9 +81,12 @@ def main(args: argparse.Namespace) -> int:
     from emorecog_stream.runner import RunError, run_engine
 
     config = load_config_with_flags(args)
+    speed = float(args.replay_speed)
+    if not (speed > 0 and speed < float("inf")):
+        raise UsageError(f"--replay-speed: expected a number > 0, found {args.replay_speed}")
     quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the dashboard
     try:
-        asyncio.run(run_engine(config))
+        asyncio.run(run_engine(config, time_scale=speed))
     except RunError as exc:
         raise UsageError(str(exc)) from None
     return 0
