@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate a checkpoint on held-out sessions",
     "convert": "convert published Keras v1.0 weights (HDF5) to a PyTorch checkpoint",
     "web": "serve the live feedback and experimenter pages in the browser",
+    "report": "turn a session log (JSONL) into a self-contained HTML report",
 }
 
 
