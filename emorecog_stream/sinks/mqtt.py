@@ -263,7 +263,8 @@ class MqttSettings:
         if not parts.hostname:
             raise MqttConfigError(f"MQTT URL has no host: {url!r}")
         tls = scheme == "mqtts"
-        username = unquote(parts.username) if parts.username else options.pop("username", None)
+        option_user = options.pop("username", None)  # a user in the URL wins over the option
+        username = unquote(parts.username) if parts.username else option_user
         password = read_password(password_env, password_file)
         if "password" in options:
             password = options.pop("password")
