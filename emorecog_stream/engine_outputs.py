@@ -115,3 +115,36 @@ class MarkerLog:
 
     async def aclose(self) -> None:
         pass
+
+
+class RunSummaryLog:
+    """At the end of a run, one ``{"kind": "summary", ...}`` line in the JSONL audit log with
+    the MQTT counters (sent, queued, dropped, unsent at close) and the engine's counters.
+
+    Why an output of its own: the counters are final only once the MQTT output has flushed its
+    queue and before the log writes ``session_end``; the engine closes its outputs in list
+    order, so this one sits between the two. ``report`` shows the record.
+    """
+
+    def __init__(self, log: Any, mqtt_stats: Callable[[], Any], counters: Callable[[], Any]):
+        self.log = log
+        self.mqtt_stats = mqtt_stats
+        self.counters = counters
+
+    def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
+        pass
+
+    def on_status(self, status: EngineStatus) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        from dataclasses import asdict, is_dataclass
+
+        from emorecog_stream.sinks.payload import utc_now
+
+        fields: dict[str, Any] = {"utc": utc_now(), "session": self.log.session}
+        for key, get in (("mqtt", self.mqtt_stats), ("engine", self.counters)):
+            value = get()
+            if is_dataclass(value) and not isinstance(value, type):
+                fields[key] = asdict(value)
+        self.log.write_record("summary", fields)

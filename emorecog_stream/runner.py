@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from emorecog_stream.config import Config
 from emorecog_stream.engine import Chunk as EngineChunk
 from emorecog_stream.engine import Engine, EngineCounters, Output
-from emorecog_stream.engine_outputs import DashboardOutput, MarkerLog, MqttOutput
+from emorecog_stream.engine_outputs import DashboardOutput, MarkerLog, MqttOutput, RunSummaryLog
 from emorecog_stream.session_state import ROLE_LABEL, ROLE_RATES
 from emorecog_stream.streams import Role
 
@@ -171,7 +171,8 @@ async def run_engine(
                     config.output.log,
                     session=session,
                     model_id=str(model.model_id),
-                    meta={"broker": settings.url},
+                    # time_scale: a replay's speed, so `report` can give session seconds
+                    meta={"broker": settings.url, "time_scale": time_scale},
                 )
             except JsonlLogError as exc:
                 raise RunError(str(exc)) from None
@@ -199,11 +200,15 @@ async def run_engine(
         )
         await publisher.start()
         outputs: list[Output] = [MqttOutput(publisher)]
+        engine_box: list[Engine] = []
         if log is not None:
+            # closed after MQTT flushed and before the log's session_end: final counters
+            outputs.append(
+                RunSummaryLog(log, lambda: publisher.stats, lambda: engine_box[0].counters)
+            )
             outputs.append(log)
             if config.streams.markers.enabled:
                 outputs.append(MarkerLog(log))
-        engine_box: list[Engine] = []
 
         def snapshot() -> Any:
             return engine_box[0].snapshot(mqtt=publisher.stats)
