@@ -43,7 +43,8 @@ METRIC_COLUMNS = (
     ("intensity_mae_predicting_0", "MAE if 0", 2),
     ("intensity_pearson_r", "Pearson r", 3),
 )
-MQTT_ORDER = ("sent", "queued", "unsent_at_close", "dropped", "reconnects", "state", "last_error")
+MQTT_ORDER = ("sent", "queued", "dropped", "unsent_at_close", "reconnects", "last_error", "url")
+ENGINE_ORDER = ("predictions", "steps", "resets", "rejected_chunks", "model_errors", "markers")
 
 STYLE = """
 :root { color-scheme: light; }
@@ -268,17 +269,33 @@ def _status_and_gaps(view: SessionView, figures: dict[str, FigureImage]) -> str:
     return "".join(parts)
 
 
+def _counters(values: dict[str, Any], first: Sequence[str]) -> str:
+    keys = [k for k in first if k in values] + sorted(k for k in values if k not in first)
+    shown = (
+        (k, ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else v)
+        for k, v in ((k, values[k]) for k in keys)
+    )
+    return _facts((k, "-" if v is None else v) for k, v in shown)
+
+
 def _mqtt(view: SessionView) -> str:
-    head = '<section id="mqtt"><h2>MQTT delivery</h2>'
+    head = '<section id="mqtt"><h2>MQTT delivery and engine counters</h2>'
     if view.mqtt is None:
-        return head + (
-            "<p>Not recorded: this log has no MQTT counters (no <code>summary</code> record,"
-            " and none in <code>session_end</code>). The engine printed them when it stopped"
-            " (<code>stopped: ... MQTT sent N, unsent N, dropped N</code>).</p></section>"
+        body = (
+            "<p>Not recorded: this log has no <code>summary</code> record (logs of runs that"
+            " died, and of versions before it, have none). The engine printed the counters"
+            " when it stopped (<code>stopped: ... MQTT sent N, unsent N, dropped N</code>).</p>"
         )
-    keys = [k for k in MQTT_ORDER if k in view.mqtt]
-    keys += sorted(k for k in view.mqtt if k not in MQTT_ORDER)
-    return head + _facts((k, view.mqtt[k]) for k in keys) + "</section>"
+    else:
+        body = (
+            "<p>At the end of the run, after the queue was flushed: <em>sent</em> = acknowledged"
+            " by the broker, <em>queued</em> = still waiting, <em>dropped</em> = removed from a"
+            " full queue (oldest first), <em>unsent_at_close</em> = lost at shutdown.</p>"
+            + _counters(view.mqtt, MQTT_ORDER)
+        )
+    if view.engine_counters is not None:
+        body += "<h3>Engine</h3>" + _counters(view.engine_counters, ENGINE_ORDER)
+    return head + body + "</section>"
 
 
 def _markers(view: SessionView) -> str:

@@ -217,7 +217,8 @@ class SessionView:
     markers: list[MarkerRow]
     statuses: list[StatusRow]
     gaps: list[Gap]
-    mqtt: dict[str, Any] | None
+    mqtt: dict[str, Any] | None  # the publisher's counters from the run's summary record
+    engine_counters: dict[str, Any] | None  # the engine's counters from the same record
     metrics: dict[str, Any] | None  # evaluate_arrays' figures; None when markers carry no labels
     labelled_volumes: int
     notes: list[str]
@@ -566,11 +567,9 @@ def session_view(
             )
         )
 
-    mqtt = None
-    for source in (r.summary, r.end):
-        if isinstance(source, dict) and isinstance(source.get("mqtt"), dict):
-            mqtt = source["mqtt"]
-            break
+    summary = r.summary or {}
+    mqtt = summary.get("mqtt") if isinstance(summary.get("mqtt"), dict) else None
+    engine_counters = summary.get("engine") if isinstance(summary.get("engine"), dict) else None
 
     return SessionView(
         path=log.path,
@@ -601,6 +600,7 @@ def session_view(
         statuses=statuses,
         gaps=gaps,
         mqtt=mqtt,
+        engine_counters=engine_counters,
         metrics=metrics,
         labelled_volumes=labelled,
         notes=notes,
