@@ -45,6 +45,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model", metavar="PATH", help="checkpoint or keras-v1:PATH (default: the shipped one)"
     )
     parser.add_argument("--log", metavar="FILE", help="append a JSONL audit log of predictions")
+    parser.add_argument(
+        "--web-port", type=int, metavar="P", help="port of the live web pages (default 8080)"
+    )
+    parser.add_argument("--no-web", action="store_true", help="do not start the live web pages")
 
 
 def replay_data_dir() -> Path:
@@ -95,6 +99,8 @@ def demo_config(args: argparse.Namespace, tag: str) -> Any:
         "output.log": args.log,
         "output.dashboard": False if args.no_dashboard else None,
         "session.duration": args.duration,
+        "web.enabled": not getattr(args, "no_web", False),
+        "web.port": getattr(args, "web_port", None),
     }
     for role in Role:  # every role, markers and motion included: never a lab's streams
         name, type_, source_id = stream_identity(role, tag)
@@ -144,6 +150,10 @@ async def _demo(
         raise UsageError(str(exc)) from None
     replayer.open()  # outlets visible before the engine resolves them
     loop = asyncio.get_running_loop()
+    from emorecog_stream.commands.web import EngineWeb
+
+    web = EngineWeb(config, lambda line: print(line, flush=True))
+    on_broker = web.on_broker if config.web.enabled else None
 
     def on_engine(engine: Any) -> None:
         def finished() -> None:
@@ -158,6 +168,9 @@ async def _demo(
         loop.run_in_executor(None, finished)
 
     try:
-        await run_engine(config, time_scale=speed, hooks=hooks_cls(on_engine=on_engine))
+        await run_engine(
+            config, time_scale=speed, hooks=hooks_cls(on_engine=on_engine, on_broker=on_broker)
+        )
     finally:
         await asyncio.to_thread(replayer.stop)
+        await web.close()

@@ -26,6 +26,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log", metavar="FILE", help="append a JSONL audit log of predictions")
     parser.add_argument(
+        "--web", action="store_true", help="also serve the live web pages (docs/web.md)"
+    )
+    parser.add_argument(
+        "--web-port", type=int, metavar="P", help="port of the web pages (default 8080)"
+    )
+    parser.add_argument(
         "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
     )
     parser.add_argument(
@@ -57,6 +63,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "output.log": args.log,
         "session.duration": args.duration,
         "output.dashboard": False if args.no_dashboard else None,
+        "web.enabled": True if getattr(args, "web", False) else None,
+        "web.port": getattr(args, "web_port", None),
         "mqtt.allow_insecure": True if args.allow_insecure else None,
     }
 
@@ -86,7 +94,22 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--replay-speed: expected a number > 0, found {args.replay_speed}")
     quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the dashboard
     try:
-        asyncio.run(run_engine(config, time_scale=speed))
+        asyncio.run(_run(config, speed, run_engine))
     except RunError as exc:
         raise UsageError(str(exc)) from None
     return 0
+
+
+async def _run(config: Any, speed: float, run_engine: Any) -> None:
+    """The engine, and beside it the live web pages when ``[web] enabled`` (``--web``)."""
+    from emorecog_stream.commands.web import EngineWeb
+    from emorecog_stream.runner import RunHooks
+
+    if not config.web.enabled:
+        await run_engine(config, time_scale=speed)
+        return
+    web = EngineWeb(config, lambda line: print(line, flush=True))
+    try:
+        await run_engine(config, time_scale=speed, hooks=RunHooks(on_broker=web.on_broker))
+    finally:
+        await web.close()
