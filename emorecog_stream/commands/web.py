@@ -131,3 +131,61 @@ def main(args: argparse.Namespace) -> int:
     except RunError as exc:
         raise UsageError(str(exc)) from None
     return 0
+
+
+class EngineWeb:
+    """The web server beside an engine (``demo``, ``run --web``), for the engine's session.
+
+    It starts when the engine knows its broker URL (``RunHooks.on_broker``, also the embedded
+    broker's), prints the two URLs, and is closed after the engine. A taken port moves it to a
+    free one (said so); any other failure to start is printed and the engine goes on, since
+    the predictions matter more than their display.
+    """
+
+    def __init__(self, config: Any, say: Any) -> None:
+        self.config = config
+        self.say = say
+        self.server: Any = None
+        self._task: Any = None
+
+    def on_broker(self, url: str) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self._start(url))
+
+    async def _start(self, url: str) -> None:
+        import dataclasses
+        import errno
+
+        from emorecog_stream.runner import RunError
+
+        config = self.config
+        if not config.web.session:
+            web = dataclasses.replace(config.web, session=config.session.id)
+            config = dataclasses.replace(config, web=web)
+        try:
+            self.server = server_for(config, url)
+            try:
+                await start_server(self.server, self.say)
+            except RunError:
+                if config.web.port == 0:
+                    raise
+                self.say(f"web: port {config.web.port} is taken; using a free one")
+                moved = dataclasses.replace(config, web=dataclasses.replace(config.web, port=0))
+                self.server = server_for(moved, url)
+                await start_server(self.server, self.say)
+        except (RunError, ValueError, OSError) as exc:
+            code = getattr(exc, "errno", None)
+            detail = "address in use" if code == errno.EADDRINUSE else str(exc)
+            self.say(f"web: the pages could not start ({detail}); the engine goes on without them")
+            self.server = None
+
+    async def close(self) -> None:
+        import asyncio
+        import contextlib
+
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.server is not None:
+            await self.server.close()
