@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train the streaming EmoRecog-Net model",
     "evaluate": "evaluate a checkpoint on held-out sessions",
     "convert": "convert published Keras v1.0 weights (HDF5) to a PyTorch checkpoint",
+    "scanner": "watch the scanner's export folder and publish motion-corrected ROI means on LSL",
     "web": "serve the live feedback and experimenter pages in the browser",
     "report": "turn a session log (JSONL) into a self-contained HTML report",
 }
