@@ -334,6 +334,6 @@ def test_bad_settings_are_clear_errors(url: str, options: dict[str, Any], messag
 
 def test_password_from_env_is_hidden_from_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("H6_PW", "hunter2-xyz")
-    s = MqttSettings.from_url("mqtt://bob@h", password_env="H6_PW")
+    s = MqttSettings.from_url("mqtt://bob@localhost", password_env="H6_PW")
     assert s.password == "hunter2-xyz"
     assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in s.url

@@ -8,8 +8,13 @@ listener whose certificate the client does not trust.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import os
+import shutil
+import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -30,6 +35,19 @@ from emorecog_stream.model.checkpoint import (
 from emorecog_stream.model.net import EmoRecogNet, NetConfig
 from emorecog_stream.private_files import PRIVATE_MODE, open_private, replace_private
 from emorecog_stream.sinks.jsonl import JsonlLog
+from emorecog_stream.sinks.mqtt import (
+    MqttConfigError,
+    MqttPublisher,
+    MqttSettings,
+    is_loopback_host,
+)
+from tests.plugins.mqtt_broker import (
+    MosquittoBroker,
+    MqttCollector,
+    TlsFiles,
+    find_mosquitto,
+    sample_prediction,
+)
 
 KERAS_FIXTURES = Path(__file__).parent / "fixtures" / "keras_v1"
 
@@ -253,3 +271,204 @@ def test_an_npz_and_a_cut_off_checkpoint_are_named_as_such(tmp_path: Path) -> No
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="found a damaged or cut-off zip archive"):
         read_checkpoint(cut)
+
+
+# --------------------------------------------------------------------------- passwords and TLS
+
+
+SECRET = "s3cret-pw-471"
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None where it has none."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.254", 9))  # UDP: picks the route, sends nothing
+        address = s.getsockname()[0]
+        return None if is_loopback_host(address) else address
+    return None
+
+
+class _MosquittoOn(MosquittoBroker):
+    """A real Mosquitto on ``host`` (a LAN address) and/or with given TLS files."""
+
+    def __init__(self, workdir: Path, host: str, tls_files: TlsFiles | None = None, **kw) -> None:
+        super().__init__(workdir, **kw)
+        self.host = host
+        self.tls_files = tls_files
+        self._write_config()
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[MosquittoBroker]]:
+    made: list[MosquittoBroker] = []
+    yield made
+    for broker in made:
+        broker.stop()
+
+
+def _start(brokers: list[MosquittoBroker], broker: MosquittoBroker) -> MosquittoBroker:
+    brokers.append(broker)
+    broker.start()
+    return broker
+
+
+@pytest.mark.parametrize(
+    "host", ["10.0.0.5", "192.168.1.20", "broker.lab", "2001:db8::1", "localhost.evil.example"]
+)
+def test_a_clear_text_password_to_a_host_off_this_machine_is_refused(host: str) -> None:
+    url = f"mqtt://alice@[{host}]:1883" if ":" in host else f"mqtt://alice@{host}:1883"
+    with pytest.raises(MqttConfigError, match="refusing to send the MQTT password") as info:
+        MqttSettings.from_url(url, password=SECRET)
+    assert SECRET not in str(info.value) and "--allow-insecure" in str(info.value)
+    assert MqttSettings.from_url(url, password=SECRET, allow_insecure=True).password == SECRET
+    tls_url = url.replace("mqtt://", "mqtts://")
+    assert MqttSettings.from_url(tls_url, password=SECRET).password == SECRET  # encrypted: fine
+    assert MqttSettings.from_url(url).username == "alice"  # a user name alone is no secret
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "localhost", "[::1]"])
+def test_loopback_brokers_may_get_a_password_in_clear(host: str) -> None:
+    settings = MqttSettings.from_url(f"mqtt://alice@{host}:1883", password=SECRET)
+    assert settings.password == SECRET and is_loopback_host(settings.host)
+
+
+def _run_config(tmp_path: Path, **mqtt: object) -> Path:
+    lines = ['[engine]\nresolve_timeout = 0.5\n[streams.fmri]\nname = "no-such-stream-x72"\n']
+    lines.append('[mqtt]\nusername = "alice"\npassword_env = "EMORECOG_TEST_PW"\n')
+    lines += [f"{key} = {str(value).lower()}\n" for key, value in mqtt.items()]
+    path = tmp_path / f"lab{len(list(tmp_path.glob('lab*.toml')))}.toml"
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="needs the mosquitto binary")
+async def test_run_and_listen_refuse_a_clear_password_to_a_lan_broker_unless_allowed(
+    tmp_path: Path, brokers: list[MosquittoBroker], monkeypatch, capsys
+) -> None:
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("this machine has no non-loopback address")
+    broker = _start(brokers, _MosquittoOn(tmp_path / "lan", lan, username="alice", password=SECRET))
+    monkeypatch.setenv("EMORECOG_TEST_PW", SECRET)
+
+    # refused before anything connects: a plain socket on the LAN address counts connections
+    with socket.create_server((lan, 0)) as trap:
+        trap.setblocking(False)
+        trap_url = f"mqtt://alice@{lan}:{trap.getsockname()[1]}"
+        run = ["run", "--mqtt", trap_url, "--config", str(_run_config(tmp_path))]
+        assert await asyncio.to_thread(cli_main, run) == 2
+        err = capsys.readouterr().err
+        assert f"refusing to send the MQTT password for user 'alice' in clear text to {lan}" in err
+        listen = ["listen", "--mqtt", trap_url, "--password-env", "EMORECOG_TEST_PW"]
+        assert await asyncio.to_thread(cli_main, [*listen, "--timeout", "2"]) == 2
+        err += capsys.readouterr().err
+        assert "refusing to send the MQTT password" in err and SECRET not in err
+        with pytest.raises(BlockingIOError):
+            trap.accept()  # nobody knocked
+
+    url = f"mqtt://alice@{lan}:{broker.port}"
+    listen = ["listen", "--mqtt", url, "--password-env", "EMORECOG_TEST_PW", "--timeout", "2"]
+    # --allow-insecure and [mqtt] allow_insecure get past the check (run then stops at the
+    # missing fMRI stream, which it looks for before it connects to the broker)
+    for argv in (
+        ["run", "--mqtt", url, "--config", str(_run_config(tmp_path)), "--allow-insecure"],
+        ["run", "--mqtt", url, "--config", str(_run_config(tmp_path, allow_insecure=True))],
+    ):
+        assert await asyncio.to_thread(cli_main, argv) == 2
+        err = capsys.readouterr().err
+        assert "refusing" not in err and "no-such-stream-x72" in err, err
+    assert await asyncio.to_thread(cli_main, [*listen, "--allow-insecure"]) == 0
+    assert f"listening on mqtt://alice@{lan}:{broker.port}" in capsys.readouterr().err
+
+    # and the publisher really delivers with the password once allowed
+    settings = MqttSettings.from_url(url, password=SECRET, allow_insecure=True,
+                                     reconnect_min_s=0.05, reconnect_max_s=0.2)  # fmt: skip
+    sub = MqttCollector(broker, ["emorecog/lan-1/prediction"], username="alice", password=SECRET)
+    try:
+        assert sub.wait_connected(10)
+        async with MqttPublisher(settings, "lan-1") as pub:
+            pub.publish_prediction(sample_prediction("lan-1", 0))
+            assert await pub.flush(10)
+        assert sub.wait_for(lambda _: len(sub.of("prediction")) == 1, timeout=10)
+    finally:
+        sub.close()
+
+
+def _self_signed(directory: Path, san: str) -> TlsFiles:
+    """A self-signed server certificate (its own CA) made with the openssl binary."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key, crt = directory / "self.key", directory / "self.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+         str(crt), "-days", "2", "-subj", "/CN=emorecog-self-signed", "-addext",
+         f"subjectAltName={san}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return TlsFiles(str(crt), str(crt), str(key))
+
+
+def test_tls_checks_certificates_and_host_names_by_default() -> None:
+    context = MqttSettings.from_url("mqtts://broker.lab").ssl_context()
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+@pytest.mark.skipif(find_mosquitto() is None or shutil.which("openssl") is None,
+                    reason="needs mosquitto and openssl")  # fmt: skip
+async def test_a_self_signed_broker_is_refused_unless_its_certificate_is_given(
+    tmp_path: Path, brokers: list[MosquittoBroker], capsys
+) -> None:
+    files = _self_signed(tmp_path / "pki", "IP:127.0.0.1,DNS:localhost")
+    broker = _start(brokers, _MosquittoOn(tmp_path / "tls", "127.0.0.1", tls_files=files))
+    assert broker.url.startswith("mqtts://127.0.0.1:")
+    sub = MqttCollector(broker, ["emorecog/tls-1/prediction"])  # trusts the certificate
+    fast = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "connect_timeout_s": 2.0}
+    try:
+        assert sub.wait_connected(10)
+        untrusting = MqttPublisher(MqttSettings.from_url(broker.url, **fast), "tls-1")
+        await untrusting.start()
+        untrusting.publish_prediction(sample_prediction("tls-1", 0))
+        for _ in range(100):
+            if untrusting.stats.last_error:
+                break
+            await asyncio.sleep(0.05)
+        await untrusting.close(timeout=0.2)
+        assert "certificate verify failed" in (untrusting.stats.last_error or "").lower()
+        assert untrusting.stats.sent == 0 and sub.of("prediction") == []
+
+        trusting = MqttSettings.from_url(broker.url, ca_file=files.ca_cert, **fast)
+        async with MqttPublisher(trusting, "tls-1") as pub:
+            pub.publish_prediction(sample_prediction("tls-1", 1))
+            assert await pub.flush(10)
+        assert sub.wait_for(lambda _: len(sub.of("prediction")) == 1, timeout=10)
+        assert sub.json("prediction")[0]["sequence"] == 1
+    finally:
+        sub.close()
+
+    listen = ["listen", "--mqtt", broker.url, "--timeout", "1"]
+    assert await asyncio.to_thread(cli_main, listen) == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli_main, [*listen, "--ca-file", files.ca_cert]) == 0
+    assert f"listening on {broker.url}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_mosquitto() is None or shutil.which("openssl") is None,
+                    reason="needs mosquitto and openssl")  # fmt: skip
+async def test_a_certificate_for_another_host_is_refused_even_with_its_ca(
+    tmp_path: Path, brokers: list[MosquittoBroker]
+) -> None:
+    files = _self_signed(tmp_path / "pki", "DNS:other-host.example")
+    broker = _start(brokers, _MosquittoOn(tmp_path / "tls", "127.0.0.1", tls_files=files))
+    settings = MqttSettings.from_url(
+        broker.url, ca_file=files.ca_cert, reconnect_min_s=0.05, reconnect_max_s=0.2
+    )
+    pub = MqttPublisher(settings, "tls-2")
+    await pub.start()
+    for _ in range(100):
+        if pub.stats.last_error:
+            break
+        await asyncio.sleep(0.05)
+    await pub.close(timeout=0.2)
+    error = (pub.stats.last_error or "").lower()
+    assert "certificate verify failed" in error and "mismatch" in error, error
+    assert pub.stats.sent == 0
