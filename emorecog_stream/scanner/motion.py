@@ -38,12 +38,29 @@ from emorecog_stream.scanner.rigid import (
 _CACHE = True
 
 
+#: Voxel coordinates this far outside the grid still count as on it: a voxel centre mapped
+#: through an affine and its inverse lands a rounding error away from where it started.
+_EDGE = 1e-6
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _on_grid(x: float, y: float, z: float, nx: int, ny: int, nz: int) -> bool:
+    return (
+        -_EDGE <= x <= nx - 1 + _EDGE
+        and -_EDGE <= y <= ny - 1 + _EDGE
+        and -_EDGE <= z <= nz - 1 + _EDGE
+    )
+
+
 @numba.njit(cache=_CACHE, nogil=True)
 def _trilinear(vol: np.ndarray, x: float, y: float, z: float) -> tuple[float, bool]:
     """Trilinear sample of ``vol`` at voxel coordinates; (0, False) outside the grid."""
     nx, ny, nz = vol.shape
-    if x < 0.0 or y < 0.0 or z < 0.0 or x > nx - 1 or y > ny - 1 or z > nz - 1:
+    if not _on_grid(x, y, z, nx, ny, nz):
         return 0.0, False
+    x = min(max(x, 0.0), nx - 1.0)
+    y = min(max(y, 0.0), ny - 1.0)
+    z = min(max(z, 0.0), nz - 1.0)
     i = min(int(x), nx - 2) if nx > 1 else 0
     j = min(int(y), ny - 2) if ny > 1 else 0
     k = min(int(z), nz - 2) if nz > 1 else 0
@@ -82,8 +99,11 @@ def _cubic(vol: np.ndarray, x: float, y: float, z: float) -> tuple[float, bool]:
     every sub-voxel shift, which leaves a bias of several hundredths of a millimetre.
     """
     nx, ny, nz = vol.shape
-    if x < 0.0 or y < 0.0 or z < 0.0 or x > nx - 1 or y > ny - 1 or z > nz - 1:
+    if not _on_grid(x, y, z, nx, ny, nz):
         return 0.0, False
+    x = min(max(x, 0.0), nx - 1.0)
+    y = min(max(y, 0.0), ny - 1.0)
+    z = min(max(z, 0.0), nz - 1.0)
     i = int(x)
     j = int(y)
     k = int(z)
@@ -160,8 +180,9 @@ def _label_sums(
     labels: np.ndarray,
     sums: np.ndarray,
     counts: np.ndarray,
+    cubic: bool,
 ) -> None:
-    """Add the corrected value of every atlas voxel to its label's sum (trilinear sampling)."""
+    """Add the corrected value of every atlas voxel to its label's sum."""
     sums[:] = 0.0
     counts[:] = 0
     for n in range(points.shape[0]):
@@ -171,7 +192,10 @@ def _label_sums(
         vx = to_voxel[0, 0] * px + to_voxel[0, 1] * py + to_voxel[0, 2] * pz + to_voxel[0, 3]
         vy = to_voxel[1, 0] * px + to_voxel[1, 1] * py + to_voxel[1, 2] * pz + to_voxel[1, 3]
         vz = to_voxel[2, 0] * px + to_voxel[2, 1] * py + to_voxel[2, 2] * pz + to_voxel[2, 3]
-        value, inside = _trilinear(moving, vx, vy, vz)
+        if cubic:
+            value, inside = _cubic(moving, vx, vy, vz)
+        else:
+            value, inside = _trilinear(moving, vx, vy, vz)
         if inside:
             sums[labels[n]] += value
             counts[labels[n]] += 1
@@ -351,11 +375,16 @@ class LabelMeans:
 
     Sampling the moving volume at the corrected atlas positions gives the same numbers as
     resampling the whole volume first and then averaging, at a fraction of the cost (only atlas
-    voxels are touched).
+    voxels are touched). Sampling is cubic by default: trilinear sampling blurs each voxel with
+    its neighbours by an amount that changes with the sub-voxel shift, which on real EPI moved
+    by 3 mm / 3 degrees costs about 0.006 of correlation with the unmoved ROI means.
     """
 
-    def __init__(self, labels: np.ndarray, affine: np.ndarray, n_labels: int) -> None:
+    def __init__(
+        self, labels: np.ndarray, affine: np.ndarray, n_labels: int, cubic: bool = True
+    ) -> None:
         lab = np.asarray(labels)
+        self.cubic = cubic
         idx = np.flatnonzero(lab.ravel() > 0)
         ijk = np.stack(np.unravel_index(idx, lab.shape), axis=-1).astype(np.float64)
         self.affine = np.asarray(affine, dtype=np.float64)
@@ -372,7 +401,9 @@ class LabelMeans:
         m = np.eye(4) if matrix is None else matrix
         to_voxel = (self.inverse_affine @ m)[:3]
         data = np.ascontiguousarray(volume, dtype=np.float64)
-        _label_sums(data, to_voxel, self.points, self.labels, self._sums, self._counts)
+        _label_sums(
+            data, to_voxel, self.points, self.labels, self._sums, self._counts, self.cubic
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             return self._sums / self._counts
 
