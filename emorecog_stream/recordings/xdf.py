@@ -34,8 +34,11 @@ import gzip
 import io
 import json
 import logging
+import math
+import os
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,49 +270,148 @@ def _open(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
+_ITEM_BYTES = {"float32": 4, "double64": 8, "int8": 1, "int16": 2, "int32": 4, "int64": 8}
+"""Bytes per value of each XDF channel format; a string value takes at least 2 (its length)."""
+_MAX_CHUNK = 2**62  # beyond any real file; keeps seek() offsets in range
+
+
+@dataclass
+class _Framing:
+    """What walking the chunks found: where the last intact chunk ends and, if the file is not
+    intact, what is wrong (``problem``) and where (the offset of the first bad chunk)."""
+
+    good_end: int = 4
+    chunks: int = 0
+    problem: str | None = None
+
+
+def _stream_shape(body: bytes) -> tuple[int, int | None] | None:
+    """(stream id, minimum bytes per sample) from a StreamHeader chunk body; the size is None
+    when the XML is unreadable (pyxdf then stops at this header with its own parse error)."""
+    if len(body) < 4:
+        return None
+    stream_id = int.from_bytes(body[:4], "little")
+    try:
+        root = ET.fromstring(body[4:].decode("utf-8", "replace"))  # as pyxdf decodes it
+        channels = int((root.findtext("channel_count") or "").strip())
+    except (ET.ParseError, ValueError):
+        return stream_id, None
+    fmt = (root.findtext("channel_format") or "").strip()
+    per_value = _ITEM_BYTES.get(fmt, 2)
+    return stream_id, 1 + max(channels, 0) * per_value  # 1: the timestamp flag byte
+
+
+def _scan(path: Path, f: BinaryIO) -> _Framing:
+    """Walk the chunk framing without reading sample data.
+
+    Checks that every chunk's length field fits in what is left of the file, and that the
+    sample count of every Samples chunk fits in the chunk's bytes given its stream's channel
+    count and format. Both are size fields that pyxdf allocates from before reading, so a
+    corrupt one would otherwise ask for gigabytes from a small file.
+    """
+    scan = _Framing()
+    if f.read(4) != _MAGIC:
+        scan.good_end = 0
+        scan.problem = f"{path}: not an XDF file (it does not start with 'XDF:')"
+        return scan
+    size = None if isinstance(f, gzip.GzipFile) else os.fstat(f.fileno()).st_size
+    sample_bytes: dict[int, int | None] = {}
+    index = 0
+    while True:
+        offset = f.tell()
+        scan.good_end, scan.chunks = offset, index
+        head = f.read(1)
+        if not head:
+            return scan
+        where = f"chunk #{index} at byte {offset}"
+        nbytes = head[0]
+        if nbytes not in (1, 4, 8):
+            scan.problem = (
+                f"{path}: corrupt XDF: {where} has a length field of {nbytes} bytes"
+                " (expected 1, 4 or 8)"
+            )
+            return scan
+        raw = f.read(nbytes)
+        if len(raw) < nbytes:
+            scan.problem = f"{path}: truncated XDF: the file ends inside chunk #{index}"
+            return scan
+        length = int.from_bytes(raw, "little")
+        body = f.read(min(length, 2))
+        tag = int.from_bytes(body, "little") if len(body) == 2 else -1
+        if length < 2 or tag not in _TAG_NAMES:
+            scan.problem = (
+                f"{path}: corrupt XDF: {where} has tag {tag} and length {length}"
+                " (expected tags 1-6)"
+            )
+            return scan
+        start = f.tell()
+        left = None if size is None else size - start
+        if length > _MAX_CHUNK or (left is not None and length - 2 > left):
+            scan.problem = (
+                f"{path}: truncated XDF: {where} ({_TAG_NAMES[tag]}) declares {length} bytes"
+                f" but the file ends before it does"
+                + ("" if left is None else f" ({left} bytes left)")
+            )
+            return scan
+        if tag == _TAG_STREAM_HEADER:
+            shape = _stream_shape(f.read(length - 2))
+            if shape is not None:
+                sample_bytes[shape[0]] = shape[1]
+        elif tag == _TAG_SAMPLES:
+            problem = _check_samples(f, length - 2, sample_bytes)
+            if problem:
+                scan.problem = f"{path}: corrupt XDF: {where} (Samples) {problem}"
+                return scan
+        f.seek(start + length - 2)
+        if f.tell() < start + length - 2 or _past_end(f):
+            scan.problem = (
+                f"{path}: truncated XDF: {where} ({_TAG_NAMES[tag]}) declares {length} bytes"
+                " but the file ends before it does"
+            )
+            return scan
+        index += 1
+
+
+def _check_samples(
+    f: BinaryIO, content: int, sample_bytes: dict[int, int | None]
+) -> str | None:
+    """Why a Samples chunk's sample count cannot be right, or None."""
+    head = f.read(min(content, 13))
+    if len(head) < 6:
+        return f"is {content + 2} bytes long, too short for a stream id and a sample count"
+    stream_id, width = int.from_bytes(head[:4], "little"), head[4]
+    if width not in (1, 4, 8) or len(head) < 5 + width:
+        return f"of stream {stream_id} has a sample count field of {width} bytes"
+    count = int.from_bytes(head[5 : 5 + width], "little")
+    if stream_id not in sample_bytes:
+        return f"belongs to stream {stream_id}, which has no readable StreamHeader before it"
+    room = content - 5 - width
+    per_sample = sample_bytes[stream_id]
+    if per_sample is not None and count * per_sample > room:
+        return (
+            f"of stream {stream_id} declares {count} samples of at least {per_sample} bytes"
+            f" each, but holds {room} bytes"
+        )
+    return None
+
+
 def check_framing(path: Path) -> None:
-    """Walk the chunk framing; raise :class:`XdfError` if the file is not XDF or is truncated.
+    """Walk the chunk framing; raise :class:`XdfError` if the file is not XDF, is truncated, or
+    has a size field (chunk length, sample count) claiming more than the file holds.
 
     pyxdf recovers what it can from a cut-off file and only logs a warning; a user replaying a
     session must know it is incomplete, so we check first.
     """
+    scan = _framing(path)
+    if scan.problem:
+        raise XdfError(scan.problem)
+
+
+def _framing(path: Path) -> _Framing:
     try:
         with _open(path) as f:
-            if f.read(4) != _MAGIC:
-                raise XdfError(f"{path}: not an XDF file (it does not start with 'XDF:')")
-            index = 0
-            while True:
-                offset = f.tell()
-                head = f.read(1)
-                if not head:
-                    return
-                nbytes = head[0]
-                if nbytes not in (1, 4, 8):
-                    raise XdfError(
-                        f"{path}: corrupt XDF: chunk #{index} at byte {offset} has a length field"
-                        f" of {nbytes} bytes (expected 1, 4 or 8)"
-                    )
-                raw = f.read(nbytes)
-                if len(raw) < nbytes:
-                    raise XdfError(f"{path}: truncated XDF: the file ends inside chunk #{index}")
-                length = int.from_bytes(raw, "little")
-                body = f.read(min(length, 2))
-                tag = int.from_bytes(body, "little") if len(body) == 2 else -1
-                if length < 2 or tag not in _TAG_NAMES:
-                    raise XdfError(
-                        f"{path}: corrupt XDF: chunk #{index} at byte {offset} has tag {tag}"
-                        f" and length {length} (expected tags 1-6)"
-                    )
-                start = f.tell()
-                f.seek(length - 2, io.SEEK_CUR)
-                got = f.tell() - start
-                if got < length - 2 or _past_end(f):
-                    raise XdfError(
-                        f"{path}: truncated XDF: chunk #{index} ({_TAG_NAMES[tag]}) at byte"
-                        f" {offset} declares {length} bytes but the file ends before it does"
-                    )
-                index += 1
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            return _scan(path, f)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise XdfError(f"{path}: cannot read XDF file: {exc}") from exc
 
 
@@ -323,21 +425,38 @@ def _past_end(f: BinaryIO) -> bool:
     return pos > end
 
 
+def _intact_prefix(path: Path, end: int) -> io.BytesIO:
+    """The file's first ``end`` bytes (decompressed for .xdfz), for pyxdf to parse."""
+    try:
+        with _open(path) as f:
+            return io.BytesIO(f.read(end))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise XdfError(f"{path}: cannot read XDF file: {exc}") from exc
+
+
 def _load(path: Path, dejitter: bool, strict: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import pyxdf
 
     path = Path(path)
     if not path.is_file():
         raise XdfError(f"{path}: no such XDF file")
-    if strict:
-        check_framing(path)
+    scan = _framing(path)
+    source: Any = str(path)
+    if scan.problem:
+        if strict:
+            raise XdfError(scan.problem)
+        # pyxdf would allocate from the corrupt size field: give it the intact chunks only
+        log.warning("%s; reading the %d intact chunks before it", scan.problem, scan.chunks)
+        if scan.good_end < 4:
+            raise XdfError(scan.problem)
+        source = _intact_prefix(path, scan.good_end)
     try:
         streams, header = pyxdf.load_xdf(
-            str(path), dejitter_timestamps=dejitter, synchronize_clocks=True
+            source, dejitter_timestamps=dejitter, synchronize_clocks=True
         )
     except Exception as exc:  # pyxdf raises OSError, ParseError, EOFError, struct.error, ...
         raise XdfError(f"{path}: cannot parse XDF: {type(exc).__name__}: {exc}") from exc
-    return streams, header
+    return streams, header or {}
 
 
 def _info(stream: dict[str, Any]) -> XdfStreamInfo:
@@ -589,10 +708,12 @@ def read_xdf_session(
 
 
 def _float(value: Any) -> float | None:
+    """A finite number from header text, else None (a TR of 'inf' or 'nan' is no TR)."""
     try:
-        return float(value) if value not in (None, "") else None
+        number = float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 # --------------------------------------------------------------------------- writing
