@@ -151,7 +151,11 @@ class VolumeWatcher:
     folder (oldest first) instead of skipping them. ``slices_per_volume``: for per-slice DICOM
     exports whose headers do not say. ``settle``: how long a file must stay unchanged before a
     read error on it counts as broken rather than half-written. ``incomplete_timeout``: how long
-    a truncated-looking file may stay unchanged before it is reported broken. ``on_event``:
+    a truncated-looking file may stay unchanged before it is reported broken.
+    ``read_in_thread``: read files in a worker thread so the event loop keeps serving other
+    work meanwhile (a 104x104x72 NIfTI takes ~1.3 ms, a Siemens mosaic more); False reads on
+    the loop and saves one thread hand-over per file (~0.2 ms here, more on a busy machine).
+    ``on_event``:
     called with each :class:`WatchEvent` (they are also kept in ``events`` and logged).
     """
 
@@ -166,6 +170,7 @@ class VolumeWatcher:
         settle: float = 0.25,
         incomplete_timeout: float = 10.0,
         retry_interval: float = 0.02,
+        read_in_thread: bool = True,
         on_event: Callable[[WatchEvent], None] | None = None,
     ) -> None:
         folder = os.path.abspath(os.fspath(folder))
@@ -180,6 +185,7 @@ class VolumeWatcher:
         self.settle = settle
         self.incomplete_timeout = incomplete_timeout
         self.retry_interval = retry_interval
+        self.read_in_thread = read_in_thread
         self.on_event = on_event
         self.reader = VolumeReader(slices_per_volume)
         self.counters = WatchCounters()
@@ -397,7 +403,10 @@ class VolumeWatcher:
         state.attempts += 1
         state.last_try = now
         try:
-            volumes = await asyncio.to_thread(self.reader.read, path, kind)
+            if self.read_in_thread:
+                volumes = await asyncio.to_thread(self.reader.read, path, kind)
+            else:
+                volumes = self.reader.read(path, kind)
         except FileNotFoundError:
             self._files.pop(path, None)
             return
