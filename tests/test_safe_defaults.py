@@ -124,7 +124,11 @@ def test_run_creates_its_log_owner_only_through_the_cli(tmp_path: Path, umask) -
         '[engine]\nresolve_timeout = 0.5\n[streams.fmri]\nname = "no-such-stream-x71"\n'
     )
     log = tmp_path / "session.jsonl"
-    assert cli_main(["run", "--config", str(config), "--log", str(log), "--no-dashboard"]) == 2
+    argv = ["run", "--config", str(config), "--log", str(log), "--no-dashboard"]
+    # "stream not found" (2); a starved LSL resolver thread on a loaded machine can time out
+    # instead, which does not matter here: the log was created before the streams were sought
+    with contextlib.suppress(TimeoutError):
+        assert cli_main(argv) == 2
     assert log.is_file() and mode_of(log) == 0o600
 
 
