@@ -258,22 +258,32 @@ class _Level:
         self.template = data.ravel()[candidates].astype(np.float64)
 
 
+@numba.njit(cache=_CACHE, nogil=True)
+def _block_means(data: np.ndarray, fx: int, fy: int, fz: int) -> np.ndarray:
+    """Means of ``fx x fy x fz`` blocks (float32 out); a partial block at the end is dropped."""
+    nx, ny, nz = data.shape[0] // fx, data.shape[1] // fy, data.shape[2] // fz
+    out = np.empty((nx, ny, nz), dtype=np.float32)
+    scale = 1.0 / (fx * fy * fz)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                total = 0.0
+                for a in range(fx):
+                    for b in range(fy):
+                        for c in range(fz):
+                            total += data[i * fx + a, j * fy + b, k * fz + c]
+                out[i, j, k] = total * scale
+    return out
+
+
 def half_resolution(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2x2x2 block means (a slab of one keeps its size) and the affine of the coarser grid."""
+    """2x2x2 block means (an axis shorter than 8 keeps its size) and the coarser grid's affine."""
     factors = [2 if n >= 8 else 1 for n in data.shape]
-    trimmed = data[
-        : data.shape[0] // factors[0] * factors[0],
-        : data.shape[1] // factors[1] * factors[1],
-        : data.shape[2] // factors[2] * factors[2],
-    ].astype(np.float64)
-    shape = []
-    for n, f in zip(trimmed.shape, factors, strict=True):
-        shape += [n // f, f]
-    coarse = trimmed.reshape(shape).mean(axis=(1, 3, 5))
+    coarse = _block_means(np.ascontiguousarray(data, dtype=np.float32), *factors)
     scale = np.diag([*factors, 1]).astype(float)
     shift = np.eye(4)
     shift[:3, 3] = [(f - 1) / 2.0 for f in factors]  # a block's centre in fine voxels
-    return np.ascontiguousarray(coarse), affine @ shift @ scale
+    return coarse, affine @ shift @ scale
 
 
 class RigidRegistration:
@@ -316,7 +326,7 @@ class RigidRegistration:
             raise ValueError(
                 f"volume shape {data.shape} does not match the reference's {self.shape}"
             )
-        fine = np.ascontiguousarray(data, dtype=np.float64)
+        fine = np.ascontiguousarray(data, dtype=np.float32)
         start = self._previous.matrix if self._previous is not None else np.eye(4)
         coarse, _ = half_resolution(fine, self.affine)
         s = self.settings
@@ -400,7 +410,7 @@ class LabelMeans:
         """(n_labels,) float64; a label whose every voxel left the field of view is NaN."""
         m = np.eye(4) if matrix is None else matrix
         to_voxel = (self.inverse_affine @ m)[:3]
-        data = np.ascontiguousarray(volume, dtype=np.float64)
+        data = np.ascontiguousarray(volume, dtype=np.float32)
         _label_sums(
             data, to_voxel, self.points, self.labels, self._sums, self._counts, self.cubic
         )
