@@ -221,6 +221,59 @@ def test_enhanced_multiframe_matches_nibabel(tmp_path):
     assert vol.tr == pytest.approx(float(shared_tr.RepetitionTime) / 1000.0)
 
 
+def make_enhanced_4d(out: Path, n_slices: int = 8, n_times: int = 3, size: int = 64) -> Path:
+    """An enhanced MR file whose frames span slices and time, cut from nibabel's real Philips
+    file: its first ``n_slices`` slices (top-left ``size`` pixels, so the positions stay true),
+    repeated over ``n_times`` time points (+100 per time point), with TemporalPositionIndex as a
+    third dimension."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(gunzip("philips_mprage.dcm.gz", out.parent, "mprage_source.dcm"))
+    pixels = ds.pixel_array
+    frames = list(ds.PerFrameFunctionalGroupsSequence)
+    chosen = [
+        i for i, f in enumerate(frames)
+        if f.FrameContentSequence[0].InStackPositionNumber <= n_slices
+    ]
+    new_frames, planes = [], []
+    for t in range(n_times):
+        for i in chosen:
+            frame = copy.deepcopy(frames[i])
+            content = frame.FrameContentSequence[0]
+            content.TemporalPositionIndex = t + 1
+            content.DimensionIndexValues = [1, int(content.InStackPositionNumber), t + 1]
+            new_frames.append(frame)
+            planes.append(pixels[i, :size, :size] + 100 * t)
+    temporal = Dataset()
+    temporal.DimensionOrganizationUID = ds.DimensionIndexSequence[0].DimensionOrganizationUID
+    temporal.DimensionIndexPointer = 0x00209128  # TemporalPositionIndex
+    temporal.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
+    ds.DimensionIndexSequence.append(temporal)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(new_frames)
+    ds.NumberOfFrames = len(new_frames)
+    ds.Rows = ds.Columns = size
+    ds.PixelData = np.stack(planes).astype(pixels.dtype).tobytes()
+    ds.save_as(out)
+    return out
+
+
+def test_enhanced_multiframe_over_time_gives_one_volume_per_time_point(tmp_path):
+    path = make_enhanced_4d(tmp_path / "enhanced_run.dcm")
+    wrapper = _wrapper(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = wrapper.get_data()
+    assert expected.shape == (64, 64, 8, 3)
+    volumes = read_dicom(str(path))
+    assert [v.index for v in volumes] == [0, 1, 2]
+    for t, vol in enumerate(volumes):
+        assert vol.data.shape == (64, 64, 8)
+        np.testing.assert_array_equal(vol.data, expected[..., t].astype(np.float32))
+        np.testing.assert_allclose(vol.affine, DPCS_TO_RAS @ wrapper.affine)
+    np.testing.assert_array_equal(volumes[2].data - volumes[0].data, 200.0)
+
+
 # --------------------------------------------------------------------------- per-slice DICOM
 
 

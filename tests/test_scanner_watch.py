@@ -233,6 +233,54 @@ async def test_event_mode_reports_a_broken_file_and_carries_on(tmp_path):
     assert watcher.counters.broken == 1
 
 
+async def test_late_volume_is_reported_out_of_order_and_still_delivered(tmp_path):
+    events: list[WatchEvent] = []
+    async with VolumeWatcher(tmp_path, poll=POLL, on_event=events.append) as watcher:
+        stream = watcher.volumes()
+        got = []
+        for i in (0, 2, 1, 3):
+            put_by_rename(tmp_path, f"vol_{i:04d}.nii", volume_bytes(i))
+            got += await take(stream, 1)
+    assert [a.volume.index for a in got] == [0, 2, 1, 3]
+    kinds = [e.kind for e in events]
+    assert kinds.count("gap") == 1 and kinds.count("out_of_order") == 1
+    late = next(e for e in events if e.kind == "out_of_order")
+    assert "vol_0001.nii" in late.message and "after volume 2" in late.message
+    assert watcher.counters.out_of_order == 1
+
+
+async def test_file_that_stays_truncated_is_reported_broken_after_the_timeout(tmp_path):
+    events: list[WatchEvent] = []
+    watcher = VolumeWatcher(tmp_path, poll=POLL, incomplete_timeout=0.4, on_event=events.append)
+    async with watcher:
+        stream = watcher.volumes()
+        (tmp_path / "vol_0000.nii").write_bytes(volume_bytes(0)[:1000])  # writer died
+        broken = await event_of(events, "broken")
+        put_by_rename(tmp_path, "vol_0001.nii", volume_bytes(1))
+        (arrived,) = await take(stream, 1)
+    assert "vol_0000.nii" in broken.message and "unchanged" in broken.message
+    assert [e.kind for e in events][:1] == ["retrying"]
+    assert arrived.volume.index == 1
+    assert watcher.counters.broken == 1 and watcher.counters.retries >= 2
+
+
+async def test_a_volume_of_an_earlier_series_is_dropped_not_mixed(tmp_path):
+    events: list[WatchEvent] = []
+    async with VolumeWatcher(tmp_path, poll=POLL, on_event=events.append) as watcher:
+        stream = watcher.volumes()
+        put_by_rename(tmp_path, "runA_0000.nii", volume_bytes(0))
+        put_by_rename(tmp_path, "runA_0001.nii", volume_bytes(1))
+        got = await take(stream, 2)
+        put_by_rename(tmp_path, "runB_0000.nii", volume_bytes(2))
+        got += await take(stream, 1)
+        put_by_rename(tmp_path, "runA_0002.nii", volume_bytes(3))  # late file of run A
+        stale = await event_of(events, "stale_series")
+        put_by_rename(tmp_path, "runB_0001.nii", volume_bytes(4))
+        got += await take(stream, 1)
+    assert [(a.segment, a.volume.index) for a in got] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert "runA_0002.nii" in stale.message
+
+
 def test_bad_folder_is_a_clear_error(tmp_path):
     with pytest.raises(NotADirectoryError, match="expected an existing folder"):
         VolumeWatcher(tmp_path / "not_there")
