@@ -166,8 +166,10 @@ class WebServer:
     @property
     def base_url(self) -> str:
         host = self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1" if host != "::" else "[::1]"
+        if host in ("0.0.0.0", "::", ""):  # every address: name the machine for the others
+            import socket
+
+            host = socket.gethostname()
         elif ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{self.bound_port or self.port}"
@@ -190,9 +192,11 @@ class WebServer:
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/events", self._events)
         app.router.add_get("/api/state", self._api_state)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:

@@ -12,7 +12,10 @@
   const MAX_ROWS = 3600;
   const MAX_MARKERS = 500;
   const COLORS = { negative: "#f85149", neutral: "#8b949e", positive: "#3fb950" };
-  const CATEGORY_OF = E.CATEGORIES;
+  // a marker's category is -1 negative, 0 neutral, +1 positive (recordings/session.py)
+  function categoryOf(info) {
+    return info && Number.isInteger(info.category) ? E.CATEGORIES[info.category + 1] || null : null;
+  }
 
   const sessions = new Map();
   let selected = null;
@@ -266,16 +269,13 @@
     const info = span.info;
     if (!info || info.event !== "trial_start") return span.text;
     const parts = ["trial " + info.trial];
-    if (Number.isInteger(info.category) && CATEGORY_OF[info.category]) {
-      parts.push(CATEGORY_OF[info.category]);
-    }
+    if (categoryOf(info)) parts.push(categoryOf(info));
     if (E.isNumber(info.intensity)) parts.push((info.intensity > 0 ? "+" : "") + info.intensity);
     return parts.join(" ");
   }
 
   function spanColor(span, alpha) {
-    const info = span.info;
-    const name = info && Number.isInteger(info.category) ? CATEGORY_OF[info.category] : null;
+    const name = categoryOf(span.info);
     const hex = (name && COLORS[name]) || "#8b949e";
     const n = parseInt(hex.slice(1), 16);
     return "rgba(" + (n >> 16) + "," + ((n >> 8) & 255) + "," + (n & 255) + "," + alpha + ")";
@@ -335,7 +335,8 @@
       ctx.fillStyle = "#c9d1d9";
       for (const span of spans) {
         if (span.end < t0 || span.start > t1) continue;
-        ctx.fillText(spanLabel(span), Math.max(left, x(span.start)) + 2, 11, 160);
+        const room = (span.end > span.start ? x(span.end) : left + pw) - Math.max(left, x(span.start));
+        if (room > 24) ctx.fillText(spanLabel(span), Math.max(left, x(span.start)) + 2, 11, room - 4);
       }
     }
     // axes
@@ -429,6 +430,11 @@
       const rel = t0 !== null ? (m.timestamp - t0).toFixed(1) + " s" : m.timestamp.toFixed(3);
       li.appendChild(E.el("span", "time", rel));
       li.appendChild(E.el("span", "text", m.text));
+      const info = m.marker;
+      if (info && (info.event === "trial_start" || info.event === "trial_end")) {
+        const what = info.event === "trial_start" ? spanLabel({ info, text: m.text }) : "";
+        li.appendChild(E.el("span", "muted", " " + info.event.replace("_", " ") + " " + what));
+      }
       ol.appendChild(li);
     }
   }
