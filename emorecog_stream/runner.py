@@ -214,7 +214,12 @@ async def run_engine(
             return engine_box[0].snapshot(mqtt=publisher.stats)
 
         dashboard_output: DashboardOutput | None = None
-        if config.output.dashboard:
+        # Piped (`demo | tee log`) or run as a service, a live view only prints its last frame
+        # at exit: print a line per TR there instead (a console given by the caller is kept).
+        interactive = console is not None or bool(getattr(stream, "isatty", lambda: False)())
+        if config.output.dashboard and not interactive:
+            say("output is not a terminal: one line per TR instead of the dashboard")
+        if config.output.dashboard and interactive:
             from emorecog_stream.sinks.dashboard import Dashboard
 
             dashboard_output = DashboardOutput(Dashboard(console=console), snapshot)
