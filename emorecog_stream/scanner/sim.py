@@ -1,0 +1,1169 @@
+"""A rehearsal scanner: a synthetic session written as volume files at TR pace.
+
+Why: the bridge (export folder -> motion correction -> ROI means -> LSL) can only be rehearsed
+end to end with files that look like a scanner's and whose truth is known. This module makes
+them from the project's synthetic corpus, so that ``scanner-sim -> scanner -> run`` runs on one
+machine and every number the bridge reports can be checked.
+
+The generative model, and the one promise it keeps:
+
+* **Head phantom** (defined in world millimetres, so every grid samples the same head): an
+  ellipsoid brain (semi-axes 60 x 75 x 44 mm) with a brighter cortical ribbon and a smooth random
+  texture, two lateral ventricles and a third ventricle (CSF, brighter than tissue as in T2*
+  EPI), skull (dark) and scalp. Edges in all three axes give rigid registration a grip.
+* **Atlas**: 246 compact parcels of the brain voxels (ventricles excluded), k-means of the voxel
+  positions on the left hemisphere, mirrored to the right (odd labels left, even right, as in
+  Brainnetome), fixed seed. Every label has voxels on every grid.
+* **Signal**: voxel ``x`` of parcel ``l`` shows ``A(x) + w(x) * (roi[t, l] - base[l])``:
+  ``A`` is the static anatomy (smoothed by a 2 mm point-spread function, as EPI is), ``roi``
+  the session's 246-ROI series, ``base`` its per-ROI session mean and ``w`` a smooth weight
+  scaled to mean 1 inside each parcel. So the label means of the unmoved, noiseless volume are
+  exactly ``roi[t] + offset`` with ``offset[l] = mean of A over l - base[l]``, constant in time:
+  a perfect bridge reports the session's own ROI changes on their own scale (the model compares
+  each ROI with its running mean, so a constant offset does not change what it sees). Why not
+  the session values themselves: their baselines jump by up to 40 units between neighbouring
+  parcels, sharp edges that no resampling carries without error, which real anatomy does not
+  have. Unlabelled voxels (CSF, skull, scalp) are constant over time.
+* **Acquisition**: the head moves by a known rigid trajectory (``rigid.move_volume``, the
+  shared convention), then thermal noise makes a Rician magnitude image (sd ``noise_sd``, 1 %
+  of the mean tissue intensity by default). Values are stored in steps of
+  :data:`INTENSITY_STEP` in every format (DICOM holds integers with a rescale slope), so the
+  same rehearsal gives the same voxel values whatever the format.
+* **Dummies**: the first ``dummies`` volumes of a series are brighter (magnetisation not yet at
+  steady state), show the session's first volume, and precede session volume 0.
+
+Time: file ``n`` (0-based within a series, dummies included) holds the acquisition from
+``origin + n * TR`` to ``origin + (n + 1) * TR``; session volume ``t`` is file ``dummies + t``,
+so session time 0 (the session's own clock, where its physiology and markers live) is
+``origin + dummies * TR``. All of this is divided by ``speed``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emorecog_stream.scanner import rigid
+from emorecog_stream.streams import N_ROIS, roi_labels
+
+if TYPE_CHECKING:
+    from emorecog_stream.recordings.session import Session
+
+GENERATOR = "emorecog_stream.scanner.sim"
+GENERATOR_VERSION = 1
+"""Bumped whenever the phantom, atlas, motion or noise model changes."""
+
+FORMATS: tuple[str, ...] = ("nifti", "nifti-gz", "dicom", "dicom-slices")
+"""``dicom`` is a Siemens-style mosaic (one file per volume, CSA header); ``dicom-slices`` is
+GE-style (one file per slice)."""
+
+MOTION_KINDS: tuple[str, ...] = ("none", "default", "strong")
+
+GRIDS: dict[str, tuple[tuple[int, int, int], float]] = {
+    "3mm": ((64, 64, 36), 3.0),
+    "2mm": ((104, 104, 72), 2.0),
+}
+"""Single-band EPI (64x64x36 at 3 mm) and HCP-style multiband EPI (104x104x72 at 2 mm)."""
+
+INTENSITY_STEP = 0.01
+"""Quantum of stored voxel values (DICOM RescaleSlope): 1e-4 of the tissue mean, far below noise."""
+
+FD_THRESHOLD_MM = 0.5
+"""Power et al. (2012); the crossings are listed in ``session.json``."""
+
+MAX_TRANSLATION_MM = 3.0
+MAX_ROTATION_RAD = float(np.deg2rad(3.0))
+
+PSF_MM = 2.0
+"""Standard deviation of the Gaussian point-spread function that smooths the static anatomy
+(FWHM 4.7 mm, about 1.6 voxels at 3 mm, as EPI's own blurring). Sharper anatomy makes every
+resampling leave errors in the ROI means that move with the head: with the true motion undone
+at 3 mm and no noise, the per-ROI correlation with the truth over 200 volumes of default motion
+was at worst 0.72 at 1.3 mm, 0.96 at 2 mm and 0.99 at 3 mm."""
+
+DEFAULT_PARTICIPANT = 15
+"""P15: the demo's shipped replay session (held out from the default model's training)."""
+
+# Phantom geometry in head millimetres (x right, y anterior, z superior), centred at world 0.
+_BRAIN_AXES = np.array([60.0, 75.0, 44.0])
+_SKULL_AXES = np.array([66.0, 82.0, 50.0])
+_HEAD_AXES = np.array([72.0, 89.0, 56.0])
+_TISSUE_LEVEL = 100.0
+_CSF_LEVEL = 150.0
+_SCALP_LEVEL = 45.0
+_SKULL_LEVEL = 4.0
+_RIBBON_MM = 5.0
+_RIBBON_GAIN = 0.12
+_TEXTURE_SD = 0.06
+_DUMMY_EXTRA = (1.0, 0.55, 0.3, 0.16, 0.08)
+
+(_RNG_TEXTURE, _RNG_ATLAS, _RNG_MOTION, _RNG_NOISE) = range(4)
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+# --------------------------------------------------------------------------------------------
+# Grid, phantom, atlas
+
+
+def grid_affine(
+    shape: tuple[int, int, int], voxel_mm: float, oblique_deg: float = 0.0
+) -> np.ndarray:
+    """RAS+ voxel-to-world affine whose field-of-view centre is world 0.
+
+    ``oblique_deg`` tilts the slab about the left-right axis (as an AC-PC aligned acquisition
+    would), so the DICOM orientation is not the identity.
+    """
+    rot = rigid.rotation_matrix(np.deg2rad(oblique_deg), 0.0, 0.0)
+    affine = np.eye(4)
+    affine[:3, :3] = rot * float(voxel_mm)
+    centre_voxel = (np.asarray(shape, dtype=float) - 1.0) / 2.0
+    affine[:3, 3] = -affine[:3, :3] @ centre_voxel
+    return affine
+
+
+def world_coordinates(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """World position (mm) of every voxel centre, shape ``shape + (3,)``."""
+    idx = np.indices(shape, dtype=float).reshape(3, -1)
+    world = np.asarray(affine)[:3, :3] @ idx + np.asarray(affine)[:3, 3:4]
+    return world.T.reshape(*shape, 3)
+
+
+def _ellipsoid_radius(world: np.ndarray, axes: np.ndarray, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Normalised radius: < 1 inside the ellipsoid."""
+    d = (world - np.asarray(centre)) / axes
+    return np.sqrt((d**2).sum(axis=-1))
+
+
+@dataclass
+class Phantom:
+    """The head on one grid: where tissue is, its static image and the signal weight."""
+
+    affine: np.ndarray
+    brain: np.ndarray  # bool, tissue that carries ROI signal (ventricles excluded)
+    anatomy: np.ndarray  # float32, the static image A(x) of the whole head
+    weight: np.ndarray  # float32, signal weight of tissue voxels (scaled to mean 1 per parcel)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.brain.shape)  # type: ignore[return-value]
+
+
+def make_phantom(
+    shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0, psf_mm: float = PSF_MM
+) -> Phantom:
+    """The synthetic head sampled on a grid (deterministic for ``seed`` and grid)."""
+    from scipy import ndimage
+
+    world = world_coordinates(shape, affine)
+    r_brain = _ellipsoid_radius(world, _BRAIN_AXES)
+    r_skull = _ellipsoid_radius(world, _SKULL_AXES)
+    r_head = _ellipsoid_radius(world, _HEAD_AXES)
+    ventricles = np.zeros(shape, dtype=bool)
+    for side in (-1.0, 1.0):
+        # lateral ventricles: elongated anterior-posterior, bent outward at the back
+        ventricles |= _ellipsoid_radius(world, np.array([6.0, 26.0, 9.0]), (side * 11, 2, 9)) < 1
+        ventricles |= _ellipsoid_radius(world, np.array([5.0, 8.0, 12.0]), (side * 17, -22, 2)) < 1
+    ventricles |= _ellipsoid_radius(world, np.array([2.5, 12.0, 8.0]), (0, -2, -4)) < 1
+    brain = (r_brain < 1.0) & ~ventricles
+    # cortical ribbon: tissue within _RIBBON_MM of the brain surface (approximate: radial)
+    depth_mm = (1.0 - r_brain) * float(np.min(_BRAIN_AXES))
+    ribbon = brain & (depth_mm < _RIBBON_MM)
+    voxel_mm = float(np.sqrt((np.asarray(affine)[:3, 0] ** 2).sum()))
+    noise = _rng(seed, _RNG_TEXTURE).standard_normal(shape)
+    texture = ndimage.gaussian_filter(noise, sigma=6.0 / voxel_mm)
+    texture *= _TEXTURE_SD / max(float(texture[brain].std()), 1e-12)
+    sharp = np.zeros(shape)
+    sharp[(r_head < 1.0) & (r_skull >= 1.0)] = _SCALP_LEVEL
+    sharp[(r_skull < 1.0) & (r_brain >= 1.0)] = _SKULL_LEVEL
+    sharp[ventricles & (r_brain < 1.0)] = _CSF_LEVEL
+    sharp[brain] = _TISSUE_LEVEL * (1.0 + texture[brain] + _RIBBON_GAIN * ribbon[brain])
+    anatomy = ndimage.gaussian_filter(sharp, sigma=psf_mm / voxel_mm, mode="constant")
+    weight = np.where(brain, 1.0 + 0.5 * texture, 0.0)
+    return Phantom(
+        affine=np.asarray(affine, dtype=float),
+        brain=brain,
+        anatomy=anatomy.astype(np.float32),
+        weight=weight.astype(np.float32),
+    )
+
+
+def _assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    from scipy.spatial import cKDTree
+
+    return cKDTree(centroids).query(points)[1]
+
+
+def _lloyd(
+    points: np.ndarray, centroids: np.ndarray, iterations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """k-means iterations; an empty cluster restarts at a point of the largest one."""
+    centroids = centroids.copy()
+    k = centroids.shape[0]
+    for _ in range(iterations):
+        nearest = _assign(points, centroids)
+        counts = np.bincount(nearest, minlength=k)
+        for empty in np.flatnonzero(counts == 0):
+            largest = int(np.argmax(counts))
+            members = np.flatnonzero(nearest == largest)
+            pick = members[rng.integers(members.size)]
+            nearest[pick] = empty
+            counts[empty] += 1
+            counts[largest] -= 1
+        for axis in range(3):
+            centroids[:, axis] = np.bincount(nearest, weights=points[:, axis], minlength=k)
+        centroids /= counts[:, None]
+    return centroids
+
+
+def make_atlas(phantom: Phantom, n_labels: int = N_ROIS, seed: int = 0) -> np.ndarray:
+    """A label image (int16, 1..``n_labels``, 0 outside tissue) of compact parcels.
+
+    Left-hemisphere tissue is split by k-means into ``n_labels // 2`` parcels, ordered from
+    anterior to posterior; each is mirrored to the right. Label ``2i - 1`` is the i-th left
+    parcel and ``2i`` its mirror, as Brainnetome numbers hemispheres.
+    """
+    if n_labels % 2 or n_labels < 2:
+        raise ValueError(f"atlas: expected an even number of labels >= 2, got {n_labels}")
+    world = world_coordinates(phantom.shape, phantom.affine)
+    points = world[phantom.brain]
+    half = n_labels // 2
+    left = points[points[:, 0] < 0]
+    if left.shape[0] < half:
+        raise ValueError(
+            f"atlas: the grid holds {left.shape[0]} left-hemisphere tissue voxels, fewer than"
+            f" the {half} parcels per hemisphere; use a finer grid"
+        )
+    rng = _rng(seed, _RNG_ATLAS)
+    start = left[rng.choice(left.shape[0], size=half, replace=False)]
+    centroids = _lloyd(left, start, 25, rng)
+    centroids = centroids[np.lexsort((centroids[:, 2], -centroids[:, 1]))]
+    mirrored = centroids * np.array([-1.0, 1.0, 1.0])
+    both = np.empty((n_labels, 3))
+    both[0::2] = centroids
+    both[1::2] = mirrored
+    nearest = _assign(points, both)
+    if np.bincount(nearest, minlength=n_labels).min() == 0:
+        both = _lloyd(points, both, 5, rng)
+        nearest = _assign(points, both)
+    atlas = np.zeros(phantom.shape, dtype=np.int16)
+    atlas[phantom.brain] = (nearest + 1).astype(np.int16)
+    return atlas
+
+
+def label_means(volume: np.ndarray, atlas: np.ndarray, n_labels: int = N_ROIS) -> np.ndarray:
+    """Mean of each label's voxels (float64, ``n_labels``), plain numpy: the truth's definition."""
+    labels = np.asarray(atlas).ravel()
+    inside = labels > 0
+    sums = np.bincount(
+        labels[inside], weights=np.asarray(volume, float).ravel()[inside], minlength=n_labels + 1
+    )
+    counts = np.bincount(labels[inside], minlength=n_labels + 1)
+    return sums[1:] / counts[1:]
+
+
+def normalise_weight(phantom: Phantom, atlas: np.ndarray, n_labels: int = N_ROIS) -> np.ndarray:
+    """The signal weight scaled to mean 1 inside each parcel (0 outside tissue)."""
+    means = label_means(phantom.weight, atlas, n_labels)
+    scale = np.concatenate([[0.0], 1.0 / means])
+    return (phantom.weight * scale[atlas]).astype(np.float32)
+
+
+def label_table(n_labels: int = N_ROIS) -> str:
+    """The label table file's text: ``index name`` per line, names as the fMRI stream's labels."""
+    return "".join(f"{i} {name}\n" for i, name in enumerate(roi_labels(n_labels), start=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Motion
+
+
+def motion_trajectory(
+    n_volumes: int, kind: str = "default", seed: int = 0, series: int = 1, still: int = 1
+) -> np.ndarray:
+    """Head position (n, 6) in the rigid convention, relative to the run's first volume.
+
+    ``still`` leading volumes (the dummies and the first real volume) stay at 0, so the
+    reference is the same whichever of them a bridge takes. After that: a slow drift (smooth
+    random curves) and a few sudden jerks, each a jump that mostly returns within a few
+    volumes; about a third of the jerks exceed 0.5 mm framewise displacement. Bounded by 3 mm
+    and 3 degrees. The trajectory of a shorter run is the start of a longer one's.
+    """
+    if kind not in MOTION_KINDS:
+        raise ValueError(f"motion: expected one of {', '.join(MOTION_KINDS)}, got {kind!r}")
+    out = np.zeros((n_volumes, 6))
+    if kind == "none" or n_volumes <= still:
+        return out
+    strong = kind == "strong"
+    rng = _rng(seed, _RNG_MOTION, series)
+    # the model is drawn for a long run (1 h at 1 s) and cut, so prefixes agree
+    horizon = max(n_volumes, 3600)
+    t = np.arange(horizon - still, dtype=float)
+    drift = np.zeros((t.size, 6))
+    drift_mm = 1.6 if strong else 0.6
+    drift_rad = np.deg2rad(1.6 if strong else 0.6)
+    for k, period in enumerate((900.0, 400.0, 170.0)):
+        amp = rng.normal(0.0, 1.0, size=6) / (k + 1)
+        phase = rng.uniform(0, 2 * np.pi, size=6)
+        drift += amp * (np.sin(2 * np.pi * t[:, None] / period + phase) - np.sin(phase))
+    drift[:, :3] *= drift_mm
+    drift[:, 3:] *= drift_rad
+    jerks = np.zeros_like(drift)
+    mean_gap = 60.0 if strong else 120.0
+    onset = float(rng.uniform(8.0, 25.0))
+    while onset < t.size:
+        big = rng.random() < (0.6 if strong else 0.35)
+        fd = rng.uniform(0.6, 2.5 if strong else 1.4) if big else rng.uniform(0.15, 0.45)
+        direction = rng.normal(size=6)
+        direction[3:] /= rigid.FD_RADIUS_MM  # radians that count like millimetres in FD
+        direction *= fd / (
+            np.abs(direction[:3]).sum() + rigid.FD_RADIUS_MM * np.abs(direction[3:]).sum()
+        )
+        hold = int(rng.integers(1, 4))
+        residual = rng.uniform(0.0, 0.4)
+        start = int(onset)
+        profile = np.zeros(t.size)
+        profile[start : start + hold] = 1.0
+        profile[start + hold :] = residual
+        jerks += profile[:, None] * direction
+        onset += max(6.0, rng.exponential(mean_gap))
+    moving = drift + jerks
+    limits = np.array([MAX_TRANSLATION_MM] * 3 + [MAX_ROTATION_RAD] * 3)
+    moving = np.clip(moving, -0.97 * limits, 0.97 * limits)
+    out[still:] = moving[: n_volumes - still]
+    return out
+
+
+def framewise_displacement(params: np.ndarray) -> np.ndarray:
+    """Power et al. (2012) FD of each volume of a trajectory (0 for the first)."""
+    fd = np.zeros(len(params))
+    for i in range(1, len(params)):
+        fd[i] = rigid.framewise_displacement(params[i - 1], params[i])
+    return fd
+
+
+# --------------------------------------------------------------------------------------------
+# The rehearsal: everything about a run decided up front
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """What a rehearsal looks like. ``tr=None`` takes the session's TR."""
+
+    fmt: str = "nifti"
+    shape: tuple[int, int, int] = GRIDS["3mm"][0]
+    voxel_mm: float = GRIDS["3mm"][1]
+    oblique_deg: float = 0.0
+    tr: float | None = None
+    volumes: int | None = None  # files per series, dummies included (default: whole session)
+    dummies: int = 0
+    series: int = 1
+    motion: str = "default"
+    seed: int = 0
+    noise_sd: float = 1.0
+    psf_mm: float = PSF_MM
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.fmt not in FORMATS:
+            problems.append(f"format {self.fmt!r} (expected one of {', '.join(FORMATS)})")
+        if self.motion not in MOTION_KINDS:
+            problems.append(f"motion {self.motion!r} (expected {', '.join(MOTION_KINDS)})")
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            problems.append(f"shape {self.shape} (expected 3 sizes >= 8)")
+        if not self.voxel_mm > 0:
+            problems.append(f"voxel size {self.voxel_mm} mm (expected > 0)")
+        if self.tr is not None and not self.tr > 0:
+            problems.append(f"TR {self.tr} s (expected > 0)")
+        if self.volumes is not None and self.volumes < 1:
+            problems.append(f"volumes {self.volumes} (expected >= 1)")
+        if self.dummies < 0:
+            problems.append(f"dummies {self.dummies} (expected >= 0)")
+        if self.series < 1:
+            problems.append(f"series {self.series} (expected >= 1)")
+        if self.psf_mm < 0:
+            problems.append(f"point-spread sd {self.psf_mm} mm (expected >= 0)")
+        if self.noise_sd < 0:
+            problems.append(f"noise sd {self.noise_sd} (expected >= 0)")
+        if self.seed < 0:
+            problems.append(f"seed {self.seed} (expected >= 0)")
+        if problems:
+            raise ValueError("scanner-sim settings: invalid " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """One file-to-be (or one slice group, for ``dicom-slices``) of the run."""
+
+    series: int  # 1-based
+    index: int  # 1-based within the series, dummies included
+    dummy: bool
+    session_volume: int | None  # 0-based row of the session's fMRI series; None for dummies
+    params: np.ndarray = field(repr=False)
+    fd: float = 0.0
+
+
+@dataclass
+class Rehearsal:
+    """A planned run: the head, atlas, ROI series and motion, with its truth. Pure and cheap to
+    query; :class:`ScannerSim` writes it."""
+
+    session: Session
+    session_source: str
+    settings: SimSettings
+    phantom: Phantom
+    atlas: np.ndarray
+    weight: np.ndarray  # signal weight, mean 1 per parcel
+    roi: np.ndarray  # (T, 246) float64, the session's fMRI rows written in each series
+    base: np.ndarray  # (246,) float64, per-ROI mean of the whole session's fMRI series
+    trajectories: list[np.ndarray]  # per series, (volumes, 6)
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.phantom.affine
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.phantom.shape
+
+    @property
+    def tr(self) -> float:
+        return float(self.settings.tr if self.settings.tr is not None else self.session.tr)
+
+    @property
+    def volumes_per_series(self) -> int:
+        return self.settings.dummies + self.roi.shape[0]
+
+    def volume_info(self, series: int, index: int) -> VolumeInfo:
+        params = self.trajectories[series - 1]
+        n = index - 1
+        dummy = n < self.settings.dummies
+        fd = rigid.framewise_displacement(params[n - 1] if n else None, params[n])
+        return VolumeInfo(
+            series=series,
+            index=index,
+            dummy=dummy,
+            session_volume=None if dummy else n - self.settings.dummies,
+            params=params[n].copy(),
+            fd=fd,
+        )
+
+    def plan(self) -> list[VolumeInfo]:
+        """Every volume of the run, in acquisition order."""
+        return [
+            self.volume_info(s, i)
+            for s in range(1, self.settings.series + 1)
+            for i in range(1, self.volumes_per_series + 1)
+        ]
+
+    def clean_volume(self, session_volume: int, brightness: float = 1.0) -> np.ndarray:
+        """The unmoved, noiseless volume showing session row ``session_volume`` (float32)."""
+        change = np.concatenate([[0.0], self.roi[session_volume] - self.base])
+        data = self.phantom.anatomy + change[self.atlas] * self.weight
+        return (data * brightness).astype(np.float32)
+
+    def volume(self, series: int, index: int) -> np.ndarray:
+        """What file ``index`` of ``series`` holds: moved, noisy, quantised (float32)."""
+        info = self.volume_info(series, index)
+        n = index - 1
+        if info.dummy:
+            extra = _DUMMY_EXTRA[min(n, len(_DUMMY_EXTRA) - 1)] * (0.5 ** max(0, n - 4))
+            clean = self.clean_volume(0, 1.0 + extra)
+        else:
+            clean = self.clean_volume(int(info.session_volume))  # type: ignore[arg-type]
+        moved = (
+            clean
+            if not np.any(info.params)
+            else rigid.move_volume(clean, self.affine, info.params, order=3)
+        )
+        if self.settings.noise_sd > 0:
+            rng = _rng(self.settings.seed, _RNG_NOISE, series, index)
+            sd = self.settings.noise_sd
+            real = moved + rng.normal(0.0, sd, size=moved.shape).astype(np.float32)
+            imag = rng.normal(0.0, sd, size=moved.shape).astype(np.float32)
+            moved = np.sqrt(real * real + imag * imag)
+        return quantise(moved)
+
+    def truth_roi(self) -> np.ndarray:
+        """(T, 246) float64: label means of each unmoved, noiseless volume (``roi + offset``)."""
+        return np.stack(
+            [label_means(self.clean_volume(t), self.atlas) for t in range(self.roi.shape[0])]
+        )
+
+    def roi_offset(self) -> np.ndarray:
+        """(246,) float64: truth minus the session's fMRI values, the same for every volume."""
+        return label_means(self.phantom.anatomy, self.atlas) - self.base
+
+    def file_names(self, info: VolumeInfo) -> list[str]:
+        return file_names(self.settings.fmt, info.series, info.index, self.shape[2])
+
+    def write_truth(self, out_dir: str | Path) -> dict[str, Any]:
+        """Write ``atlas.nii.gz``, ``atlas_labels.txt``, ``session.json`` and ``truth/``."""
+        import nibabel as nib
+
+        out = Path(out_dir)
+        (out / "truth").mkdir(parents=True, exist_ok=True)
+        atlas_img = nib.Nifti1Image(self.atlas, self.affine)
+        atlas_img.header.set_xyzt_units("mm")
+        atlas_img.header.set_sform(self.affine, code=1)
+        atlas_img.header.set_qform(self.affine, code=1)
+        atlas_img.header["descrip"] = b"scanner-sim synthetic 246-label atlas"
+        nib.save(atlas_img, out / "atlas.nii.gz")
+        (out / "atlas_labels.txt").write_text(label_table(), encoding="utf-8")
+        truth = self.truth_roi().astype(np.float32)
+        np.save(out / "truth" / "roi.npy", truth)
+        np.save(out / "truth" / "roi_offset.npy", self.roi_offset().astype(np.float32))
+        rows = self.plan()
+        lines = [
+            "series\tvolume\tdummy\tsession_volume\t"
+            + "\t".join(rigid.PARAMETER_NAMES)
+            + "\tframewise_displacement"
+        ]
+        for r in rows:
+            sv = "n/a" if r.session_volume is None else str(r.session_volume)
+            values = "\t".join(f"{v:.6f}" for v in r.params)
+            lines.append(f"{r.series}\t{r.index}\t{int(r.dummy)}\t{sv}\t{values}\t{r.fd:.6f}")
+        (out / "truth" / "motion.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        meta = self.description(rows)
+        (out / "session.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return meta
+
+    def description(self, rows: list[VolumeInfo] | None = None) -> dict[str, Any]:
+        """What ``session.json`` holds."""
+        rows = self.plan() if rows is None else rows
+        s = self.settings
+        params = np.array([r.params for r in rows])
+        return {
+            "generator": GENERATOR,
+            "generator_version": GENERATOR_VERSION,
+            "format": s.fmt,
+            "file_pattern": FILE_PATTERNS[s.fmt],
+            "tr_s": self.tr,
+            "shape": list(self.shape),
+            "voxel_mm": s.voxel_mm,
+            "oblique_deg": s.oblique_deg,
+            "affine": np.round(self.affine, 6).tolist(),
+            "series": s.series,
+            "volumes_per_series": self.volumes_per_series,
+            "dummies": s.dummies,
+            "session_volumes_per_series": int(self.roi.shape[0]),
+            "motion": s.motion,
+            "seed": s.seed,
+            "noise_sd": s.noise_sd,
+            "psf_mm": s.psf_mm,
+            "intensity_step": INTENSITY_STEP,
+            "session": {
+                "participant": self.session.participant,
+                "source": self.session_source,
+                "tr_s": float(self.session.tr),
+                "n_volumes": int(self.session.n_volumes),
+                "first_volume_timestamp": float(self.session.fmri.timestamps[0]),
+                "time_origin": "session volume t (row t of truth/roi.npy) is file"
+                " dummies + t + 1 of each series; its acquisition starts at session time"
+                " first_volume_timestamp + t * tr_s, the clock of the session's PPG,"
+                " respiration and markers",
+            },
+            "truth": {
+                "roi": "truth/roi.npy: (session volumes, 246) float32, label means of the"
+                " unmoved noiseless volumes (what a perfect bridge reports); equals the"
+                " session's fMRI rows plus truth/roi_offset.npy (246,), constant in time",
+                "motion": "truth/motion.tsv: one row per file, rigid parameters in the"
+                " emorecog_stream.scanner.rigid convention (mm, radians about the FOV centre)"
+                " relative to the run's first volume, and Power 2012 FD",
+            },
+            "fd_threshold_mm": FD_THRESHOLD_MM,
+            "fd_crossings": [
+                {"series": r.series, "volume": r.index, "fd_mm": round(r.fd, 4)}
+                for r in rows
+                if r.fd > FD_THRESHOLD_MM
+            ],
+            "max_abs_translation_mm": float(np.abs(params[:, :3]).max()) if rows else 0.0,
+            "max_abs_rotation_deg": float(np.rad2deg(np.abs(params[:, 3:]).max())) if rows else 0.0,
+        }
+
+
+def default_session() -> tuple[Session, str]:
+    """The demo's session: ``replay_data/P15.xdf`` of a source checkout, else P15 generated.
+
+    Both hold the same values (replay_data/README.md); reading the file keeps the rehearsal
+    identical to what ``demo`` replays on LSL.
+    """
+    path = Path(__file__).resolve().parents[2] / "replay_data" / "P15.xdf"
+    if path.is_file():
+        from emorecog_stream.recordings import load_sessions
+
+        return load_sessions(path)[0], str(path)
+    from emorecog_stream.recordings.synth import SynthConfig, generate_session
+
+    config = SynthConfig()
+    return generate_session(DEFAULT_PARTICIPANT, config), (
+        f"generated P{DEFAULT_PARTICIPANT:02d} (seed {config.seed})"
+    )
+
+
+def prepare(
+    session: Session | None = None,
+    settings: SimSettings | None = None,
+    session_source: str | None = None,
+) -> Rehearsal:
+    """Plan a rehearsal of ``session`` (default: :func:`default_session`)."""
+    settings = settings or SimSettings()
+    if session is None:
+        session, source = default_session()
+    else:
+        source = session_source or f"session {session.participant}"
+    roi = np.asarray(session.fmri.data, dtype=np.float64)
+    if roi.ndim != 2 or roi.shape[1] != N_ROIS:
+        raise ValueError(f"session fMRI: expected (T, {N_ROIS}), got {roi.shape}")
+    if not np.all(np.isfinite(roi)):
+        raise ValueError("session fMRI: the ROI series holds NaN or infinite values")
+    base = roi.mean(axis=0)
+    if settings.volumes is not None:
+        if settings.volumes <= settings.dummies:
+            raise ValueError(
+                f"scanner-sim settings: {settings.volumes} volumes leave none after"
+                f" {settings.dummies} dummies"
+            )
+        roi = roi[: settings.volumes - settings.dummies]
+    affine = grid_affine(settings.shape, settings.voxel_mm, settings.oblique_deg)
+    phantom = make_phantom(settings.shape, affine, settings.seed, settings.psf_mm)
+    atlas = make_atlas(phantom, N_ROIS, settings.seed)
+    n_files = settings.dummies + roi.shape[0]
+    trajectories = [
+        motion_trajectory(n_files, settings.motion, settings.seed, series, settings.dummies + 1)
+        for series in range(1, settings.series + 1)
+    ]
+    return Rehearsal(
+        session=session,
+        session_source=source,
+        settings=settings,
+        phantom=phantom,
+        atlas=atlas,
+        weight=normalise_weight(phantom, atlas),
+        roi=roi,
+        base=base,
+        trajectories=trajectories,
+    )
+
+
+def quantise(data: np.ndarray) -> np.ndarray:
+    """Values on the :data:`INTENSITY_STEP` grid, non-negative, as every format stores them."""
+    steps = np.clip(np.rint(np.asarray(data, dtype=np.float64) / INTENSITY_STEP), 0, 65535)
+    return (steps * INTENSITY_STEP).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# File formats
+
+FILE_PATTERNS: dict[str, str] = {
+    "nifti": "series{series:03d}_vol_{index:05d}.nii",
+    "nifti-gz": "series{series:03d}_vol_{index:05d}.nii.gz",
+    "dicom": "001_{series:06d}_{index:06d}.dcm",
+    "dicom-slices": "series{series:03d}_vol_{index:05d}_slice_{slice:03d}.dcm",
+}
+"""Names in the export folder. ``dicom`` follows the Siemens real-time export pattern that pyneal
+matches; readers should still take series and volume from the headers."""
+
+
+def file_names(fmt: str, series: int, index: int, n_slices: int) -> list[str]:
+    """The file(s) of one volume, in the order they are written (slices: interleaved)."""
+    pattern = FILE_PATTERNS[fmt]
+    if fmt != "dicom-slices":
+        return [pattern.format(series=series, index=index)]
+    return [
+        pattern.format(series=series, index=index, slice=k + 1)
+        for k in slice_acquisition_order(n_slices)
+    ]
+
+
+def slice_acquisition_order(n_slices: int) -> list[int]:
+    """Interleaved ascending (0, 2, 4, ..., 1, 3, ...), the usual single-band EPI order."""
+    return list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
+
+
+def nifti_bytes(
+    data: np.ndarray, affine: np.ndarray, tr: float, series: int, index: int, gz: bool = False
+) -> bytes:
+    """One 3-D NIfTI-1 volume (float32, sform = qform = affine, TR in pixdim[4])."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    hdr = img.header
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_sform(affine, code=1)
+    hdr.set_qform(affine, code=1)
+    hdr["pixdim"][4] = tr
+    hdr["descrip"] = f"scanner-sim series={series} volume={index} tr={tr:g}".encode()[:79]
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
+
+
+@dataclass(frozen=True)
+class _DicomContext:
+    """Identifiers shared by every file of one series."""
+
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    series: int
+    n_volumes: int
+    tr: float
+
+
+def _lps(affine: np.ndarray) -> np.ndarray:
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+
+
+def _geometry(affine: np.ndarray) -> tuple[list[float], list[float], np.ndarray, np.ndarray]:
+    """ImageOrientationPatient, PixelSpacing, slice step (LPS) and voxel-0 position (LPS).
+
+    nibabel's DICOM wrappers return the pixel array as (rows, columns): rows step along the
+    second IOP vector by PixelSpacing[0], columns along the first by PixelSpacing[1]. Our
+    array axis 0 is therefore DICOM's row index, axis 1 its column index.
+    """
+    lps = _lps(affine)
+    sizes = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    unit = lps[:3, :3] / sizes
+    iop = [float(v) for v in np.concatenate([unit[:, 1], unit[:, 0]])]
+    spacing = [float(sizes[0]), float(sizes[1])]
+    return iop, spacing, lps[:3, 2], lps[:3, 3]
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string (<= 16 characters) that keeps as many digits as fit."""
+    for digits in range(10, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    raise ValueError(value)
+
+
+def _base_dataset(
+    ctx: _DicomContext, index: int, manufacturer: str, image_type: list[str], sop_uid: str
+) -> Any:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = ctx.study_uid
+    ds.SeriesInstanceUID = ctx.series_uid
+    ds.FrameOfReferenceUID = ctx.frame_uid
+    ds.Modality = "MR"
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = "emorecog-stream scanner-sim"
+    ds.PatientName = "Rehearsal^Phantom"
+    ds.PatientID = "SCANNER-SIM"
+    ds.StudyID = "1"
+    ds.SeriesNumber = ctx.series
+    ds.SeriesDescription = "scanner-sim EPI rehearsal"
+    ds.AcquisitionNumber = index
+    ds.ImageType = image_type
+    ds.ScanningSequence = "EP"
+    ds.SequenceVariant = "SK"
+    ds.MRAcquisitionType = "2D"
+    ds.RepetitionTime = _ds(ctx.tr * 1000.0)
+    ds.EchoTime = "30"
+    ds.MagneticFieldStrength = "3"
+    ds.FlipAngle = "75"
+    ds.NumberOfTemporalPositions = ctx.n_volumes
+    ds.TemporalPositionIdentifier = index
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = _ds(INTENSITY_STEP)
+    ds.RescaleType = "US"
+    return ds
+
+
+def _pixels(data: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(data, dtype=np.float64) / INTENSITY_STEP), 0, 65535).astype(
+        "<u2"
+    )
+
+
+def _dicom_bytes(ds: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _csa_header(tags: list[tuple[str, str, list[str]]]) -> bytes:
+    """A Siemens CSA2 ("SV10") header holding ``(name, VR, values)`` tags.
+
+    The layout is the one nibabel's ``csareader`` and SPM read: a 16-byte preamble, then per
+    tag a 64-byte name, VM, a 4-byte VR, the syngo data type, the item count and a 77 marker;
+    each item is four int32 (length, length, 77, length) and its NUL-terminated text padded
+    to 4 bytes.
+    """
+    out = bytearray(b"SV10\x04\x03\x02\x01")
+    out += struct.pack("<2I", len(tags), 77)
+    for name, vr, values in tags:
+        n_items = max(6, len(values))
+        out += struct.pack(
+            "<64si4s3i", name.encode("ascii"), len(values), vr.encode("ascii"), 0, n_items, 77
+        )
+        for i in range(n_items):
+            text = (values[i].encode("ascii") + b"\x00") if i < len(values) else b""
+            out += struct.pack("<4i", len(text), len(text), 77, len(text))
+            out += text + b"\x00" * (-len(text) % 4)
+    return bytes(out)
+
+
+def mosaic_dataset(
+    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, sop_uid: str
+) -> Any:
+    """A Siemens-style mosaic: all slices tiled into one image, slice count in the CSA header."""
+    rows, cols, n_slices = data.shape
+    tiles = int(np.ceil(np.sqrt(n_slices)))
+    mosaic = np.zeros((tiles * rows, tiles * cols), dtype="<u2")
+    pixels = _pixels(data)
+    for k in range(n_slices):
+        br, bc = divmod(k, tiles)
+        mosaic[br * rows : (br + 1) * rows, bc * cols : (bc + 1) * cols] = pixels[:, :, k]
+    iop, spacing, slice_step, origin = _geometry(affine)
+    # Siemens puts ImagePositionPatient at the corner of the whole mosaic, not of slice 0;
+    # nibabel undoes that with the shift below, so we apply its inverse.
+    q = np.array(iop).reshape(2, 3).T[:, ::-1] * np.array(spacing)
+    fixes = (np.array([tiles * rows, tiles * cols]) - np.array([rows, cols])) / 2.0
+    ipp = origin - q @ fixes
+    thickness = float(np.linalg.norm(slice_step))
+    normal = slice_step / thickness
+    ds = _base_dataset(ctx, index, "SIEMENS", ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"], sop_uid)
+    ds.InstanceNumber = index
+    ds.ImagePositionPatient = [_ds(v) for v in ipp]
+    ds.ImageOrientationPatient = [_ds(v) for v in iop]
+    ds.PixelSpacing = [_ds(v) for v in spacing]
+    ds.SliceThickness = _ds(thickness)
+    ds.SpacingBetweenSlices = _ds(thickness)
+    ds.AcquisitionMatrix = [0, cols, rows, 0]
+    ds.Rows, ds.Columns = mosaic.shape
+    order = slice_acquisition_order(n_slices)
+    times = np.empty(n_slices)
+    times[order] = np.arange(n_slices) * ctx.tr * 1000.0 / n_slices
+    csa = _csa_header(
+        [
+            ("NumberOfImagesInMosaic", "US", [str(n_slices)]),
+            ("AcquisitionMatrixText", "SH", [f"{rows}p*{cols}"]),
+            ("SliceNormalVector", "FD", [f"{v:.8f}" for v in normal]),
+            ("MosaicRefAcqTimes", "FD", [f"{v:.8f}" for v in times]),
+        ]
+    )
+    block = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+    block.add_new(0x10, "OB", csa)
+    ds.PixelData = mosaic.tobytes()
+    return ds
+
+
+def slice_dataset(
+    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, k: int, sop_uid: str
+) -> Any:
+    """GE-style: slice ``k`` of one volume as its own image."""
+    rows, cols, n_slices = data.shape
+    iop, spacing, slice_step, origin = _geometry(affine)
+    position = origin + k * slice_step
+    thickness = float(np.linalg.norm(slice_step))
+    ds = _base_dataset(ctx, index, "GE MEDICAL SYSTEMS", ["ORIGINAL", "PRIMARY", "EPI"], sop_uid)
+    ds.InstanceNumber = (index - 1) * n_slices + k + 1
+    ds.ImagesInAcquisition = n_slices
+    ds.InStackPositionNumber = k + 1
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in iop]
+    ds.SliceLocation = _ds(float(position @ (slice_step / thickness)))
+    ds.PixelSpacing = [_ds(v) for v in spacing]
+    ds.SliceThickness = _ds(thickness)
+    ds.SpacingBetweenSlices = _ds(thickness)
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelData = _pixels(data[:, :, k]).tobytes()
+    return ds
+
+
+def _uid(seed: int, *parts: int) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(
+        generate_uid(entropy_srcs=["emorecog-scanner-sim", str(seed)] + [str(p) for p in parts])
+    )
+
+
+def encode_volume(
+    rehearsal: Rehearsal, info: VolumeInfo, data: np.ndarray
+) -> list[tuple[str, bytes]]:
+    """The file(s) of one volume as ``(name, bytes)``, in write order."""
+    fmt = rehearsal.settings.fmt
+    names = rehearsal.file_names(info)
+    if fmt in ("nifti", "nifti-gz"):
+        return [
+            (
+                names[0],
+                nifti_bytes(
+                    data,
+                    rehearsal.affine,
+                    rehearsal.tr,
+                    info.series,
+                    info.index,
+                    gz=fmt == "nifti-gz",
+                ),
+            )
+        ]
+    seed = rehearsal.settings.seed
+    ctx = _DicomContext(
+        study_uid=_uid(seed, 0),
+        series_uid=_uid(seed, info.series),
+        frame_uid=_uid(seed, 0, 0),
+        series=info.series,
+        n_volumes=rehearsal.volumes_per_series,
+        tr=rehearsal.tr,
+    )
+    if fmt == "dicom":
+        ds = mosaic_dataset(
+            data, rehearsal.affine, ctx, info.index, _uid(seed, info.series, info.index)
+        )
+        return [(names[0], _dicom_bytes(ds))]
+    files = []
+    for name, k in zip(names, slice_acquisition_order(data.shape[2]), strict=True):
+        ds = slice_dataset(
+            data, rehearsal.affine, ctx, info.index, k, _uid(seed, info.series, info.index, k + 1)
+        )
+        files.append((name, _dicom_bytes(ds)))
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Writing like a scanner
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a hidden temporary name in the same folder, then rename into place."""
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_slowly(
+    path: Path, payload: bytes, seconds: float, pieces: int = 4, stop: threading.Event | None = None
+) -> None:
+    """Write straight to the final name in ``pieces`` spread over ``seconds``: a reader can see
+    a partial file, as on a network share that a scanner console writes to."""
+    step = max(1, -(-len(payload) // pieces))
+    with open(path, "wb") as f:
+        for start in range(0, len(payload), step):
+            f.write(payload[start : start + step])
+            f.flush()
+            if start + step < len(payload) and seconds > 0:
+                if stop is not None:
+                    stop.wait(seconds / pieces)
+                else:
+                    time.sleep(seconds / pieces)
+
+
+@dataclass(frozen=True)
+class WrittenVolume:
+    """Reported after each volume's files are in place."""
+
+    info: VolumeInfo
+    paths: list[Path]
+    written_at: float  # clock time the last file landed
+    due_at: float  # clock time it was scheduled for
+
+
+class ScannerSim:
+    """Writes a :class:`Rehearsal` into ``out_dir`` at TR pace on a background thread.
+
+    ``clock`` is the time base for ``start_at`` and the reported times (pass
+    ``pylsl.local_clock`` to share the LSL clock with a replay of the session's physiology).
+    File ``n`` of series ``s`` lands at ``origin + (offset_s + n + 1) * TR / speed + delay_s /
+    speed``, with ``offset_s`` the volumes and gaps of the series before it. ``fast`` writes as
+    fast as the volumes are made.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rehearsal: Rehearsal,
+        *,
+        speed: float = 1.0,
+        fast: bool = False,
+        delay_s: float = 0.2,
+        series_gap_s: float = 2.0,
+        slow_write: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        on_volume: Callable[[WrittenVolume], None] | None = None,
+    ) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed: expected > 0, got {speed}")
+        if delay_s < 0 or series_gap_s < 0:
+            raise ValueError("delay and series gap: expected >= 0 s")
+        self.out_dir = Path(out_dir)
+        self.rehearsal = rehearsal
+        self.speed = float(speed)
+        self.fast = fast
+        self.delay_s = float(delay_s)
+        self.series_gap_s = float(series_gap_s)
+        self.slow_write = slow_write
+        self.clock = clock
+        self.on_volume = on_volume
+        self.written: list[WrittenVolume] = []
+        self.origin: float | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def due_time(self, info: VolumeInfo) -> float:
+        """Clock time at which a volume's file lands (needs :attr:`origin`)."""
+        if self.origin is None:
+            raise RuntimeError("the writer has not started")
+        tr = self.rehearsal.tr
+        n_per = self.rehearsal.volumes_per_series
+        offset = (info.series - 1) * (n_per * tr + self.series_gap_s)
+        return self.origin + (offset + info.index * tr + self.delay_s) / self.speed
+
+    def session_origin(self, series: int = 1) -> float:
+        """Clock time of session time ``first_volume_timestamp`` (session volume 0 starts)."""
+        if self.origin is None:
+            raise RuntimeError("the writer has not started")
+        tr = self.rehearsal.tr
+        n_per = self.rehearsal.volumes_per_series
+        offset = (series - 1) * (n_per * tr + self.series_gap_s)
+        return self.origin + (offset + self.rehearsal.settings.dummies * tr) / self.speed
+
+    def start(self, start_at: float | None = None) -> ScannerSim:
+        """Begin the run: the first acquisition starts at ``start_at`` (default: now)."""
+        if self._thread is not None:
+            raise RuntimeError("the writer was already started")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.origin = self.clock() if start_at is None else float(start_at)
+        self._thread = threading.Thread(target=self._run, name="scanner-sim", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop after the file being written (never leaves a half-renamed file)."""
+        self._stop.set()
+        self.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end; True when it has. Re-raises a writer error."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            for info in self.rehearsal.plan():
+                if self._stop.is_set():
+                    return
+                data = self.rehearsal.volume(info.series, info.index)
+                files = encode_volume(self.rehearsal, info, data)
+                due = self.due_time(info) if not self.fast else self.clock()
+                if not self.fast:
+                    # slices of one volume land over its reconstruction, the last one on time
+                    lead = 0.0 if len(files) == 1 else min(0.2, self.rehearsal.tr / 4) / self.speed
+                    if self._stop.wait(max(0.0, due - lead - self.clock())):
+                        return
+                paths = []
+                for i, (name, payload) in enumerate(files):
+                    path = self.out_dir / name
+                    if self.slow_write:
+                        piece_s = 0.0 if self.fast else min(0.2, self.rehearsal.tr / 5)
+                        write_slowly(path, payload, piece_s / self.speed, stop=self._stop)
+                    else:
+                        write_atomic(path, payload)
+                    paths.append(path)
+                    if len(files) > 1 and not self.fast and i + 1 < len(files):
+                        self._stop.wait(lead / len(files))
+                record = WrittenVolume(info=info, paths=paths, written_at=self.clock(), due_at=due)
+                self.written.append(record)
+                if self.on_volume is not None:
+                    self.on_volume(record)
+        except BaseException as exc:  # reported by join(); the thread must not die silently
+            self.error = exc
+
+
+@dataclass
+class SimResult:
+    """What :func:`simulate` did: the plan, the truth it wrote and the files."""
+
+    rehearsal: Rehearsal
+    description: dict[str, Any]
+    written: list[WrittenVolume]
+    writer: ScannerSim
+
+
+def simulate(
+    out_dir: str | Path,
+    session: Session | None = None,
+    *,
+    settings: SimSettings | None = None,
+    speed: float = 1.0,
+    fast: bool = False,
+    delay_s: float = 0.2,
+    slow_write: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+    start_at: float | None = None,
+    on_volume: Callable[[WrittenVolume], None] | None = None,
+    wait: bool = True,
+) -> SimResult:
+    """Plan a rehearsal, write its truth and atlas, and write its volumes.
+
+    With ``wait=False`` it returns as soon as the writer thread runs: stop it with
+    ``result.writer.stop()``; ``result.written`` fills as volumes land.
+    """
+    rehearsal = prepare(session, settings)
+    description = rehearsal.write_truth(out_dir)
+    writer = ScannerSim(
+        out_dir,
+        rehearsal,
+        speed=speed,
+        fast=fast,
+        delay_s=delay_s,
+        slow_write=slow_write,
+        clock=clock,
+        on_volume=on_volume,
+    )
+    writer.start(start_at)
+    if wait:
+        try:
+            while not writer.join(0.5):
+                pass
+        except KeyboardInterrupt:
+            writer.stop()
+            raise
+    return SimResult(
+        rehearsal=rehearsal, description=description, written=writer.written, writer=writer
+    )
