@@ -20,6 +20,7 @@ participant has no labels).
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -75,24 +76,90 @@ def _roi_major(path: Path, key: str, array: np.ndarray, what: str) -> tuple[np.n
 # --------------------------------------------------------------------------- per-trial .mat
 
 
+MAT_KEYS = ("mri_d", "pnr_rate", "lab_d")
+"""The variables a trial file is read for; anything else in it is left unread."""
+_MAT_NUMERIC = {
+    "double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "logical",
+}  # fmt: skip
+_DEFLATE_MAX_RATIO = 1032
+"""zlib cannot expand data by more than this, so a compressed array larger than the file times
+this ratio is a corrupt size field, not data."""
+
+
 def _load_mat(path: Path) -> dict[str, np.ndarray]:
+    """The trial's variables from a MATLAB v5 file (scipy) or a v7.3 file (HDF5, h5py).
+
+    Only :data:`MAT_KEYS` are read, and each one's declared size is checked against what the
+    file can hold before anything is allocated: the readers below allocate from size fields.
+    """
     import h5py
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise IcbhiError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if h5py.is_hdf5(path):
+        try:
+            return _load_mat_v73(path, io.BytesIO(raw), len(raw))
+        except IcbhiError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise IcbhiError(
+                f"{path}: not a readable MATLAB v7.3 (HDF5) file: {type(exc).__name__}: {exc}"
+            ) from None
+    return _load_mat_v5(path, raw)
+
+
+def _load_mat_v5(path: Path, raw: bytes) -> dict[str, np.ndarray]:
     import scipy.io
 
-    if h5py.is_hdf5(path):
-        out = {}
-        with h5py.File(path, "r") as f:
-            for key in f:
-                if isinstance(f[key], h5py.Dataset):
-                    # MATLAB stores column-major: h5py shows the transpose
-                    out[key] = np.asarray(f[key][()]).T
-        return out
     try:
-        return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+        # from memory: a file object's read(n) allocates n bytes before reading, and scipy
+        # reads lengths taken from the file
+        found = scipy.io.whosmat(io.BytesIO(raw))
+        for name, shape, kind in found:
+            if name not in MAT_KEYS:
+                continue
+            if kind not in _MAT_NUMERIC:
+                raise IcbhiError(f"{path}: {name!r} should be a numeric array, found a {kind}")
+            _check_size(path, name, shape, 8, len(raw) * _DEFLATE_MAX_RATIO)
+        data = scipy.io.loadmat(io.BytesIO(raw), variable_names=list(MAT_KEYS))
+    except IcbhiError:
+        raise
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError, ...
         raise IcbhiError(
             f"{path}: not a readable MATLAB file: {type(exc).__name__}: {exc}"
         ) from exc
+    return {k: v for k, v in data.items() if not k.startswith("__")}
+
+
+def _load_mat_v73(path: Path, raw: io.BytesIO, size: int) -> dict[str, np.ndarray]:
+    import h5py
+
+    out = {}
+    with h5py.File(raw, "r") as f:
+        for key in MAT_KEYS:
+            node = f.get(key)
+            if not isinstance(node, h5py.Dataset):
+                continue
+            if node.dtype.kind not in "fiub":
+                raise IcbhiError(
+                    f"{path}: {key!r} should be a numeric array, found HDF5 type {node.dtype}"
+                )
+            _check_size(path, key, node.shape, node.dtype.itemsize, size * _DEFLATE_MAX_RATIO)
+            # MATLAB stores column-major: h5py shows the transpose
+            out[key] = np.asarray(node[()]).T
+    return out
+
+
+def _check_size(path: Path, key: str, shape: tuple[int, ...], itemsize: int, room: int) -> None:
+    n = int(np.prod([int(d) for d in shape], dtype=object)) if shape else 1
+    if n * itemsize > room:
+        raise IcbhiError(
+            f"{path}: {key!r} declares shape {tuple(shape)} ({n * itemsize} bytes), more than"
+            f" a file of this size can hold"
+        )
 
 
 def _pair(path: Path, data: dict[str, np.ndarray], key: str, what: str) -> np.ndarray | None:
@@ -214,11 +281,31 @@ def _npz(path: Path, required: bool = True) -> np.ndarray | None:
         with np.load(path, allow_pickle=False) as npz:
             if "data" not in npz.files:
                 raise IcbhiError(f"{path}: no key 'data'; keys found: {npz.files}")
+            _check_npy_size(path, npz.zip)
             return np.asarray(npz["data"])
     except IcbhiError:
         raise
     except Exception as exc:
         raise IcbhiError(f"{path}: not a readable .npz file: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_npy_size(path: Path, archive: Any) -> None:
+    """Refuse an array whose header declares more bytes than its zip member can hold.
+
+    numpy allocates the whole array from the ``.npy`` header's shape before it reads a byte
+    of a zip member, so a corrupt shape in a small file would ask for gigabytes.
+    """
+    info = archive.getinfo("data.npy")
+    room = min(info.file_size, max(info.compress_size, 1) * _DEFLATE_MAX_RATIO)
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(member)
+    _check_size(path, "data", shape, dtype.itemsize, room)
 
 
 def read_participant_dir(folder: str | Path, *, tr: float = 1.0, rest_s: float = 0.0) -> Session:
