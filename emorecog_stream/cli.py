@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train the streaming EmoRecog-Net model",
     "evaluate": "evaluate a checkpoint on held-out sessions",
     "convert": "convert published Keras v1.0 weights (HDF5) to a PyTorch checkpoint",
+    "scanner-sim": "write a rehearsal session as scanner volume files at TR pace",
     "scanner": "watch the scanner's export folder and publish motion-corrected ROI means on LSL",
     "web": "serve the live feedback and experimenter pages in the browser",
     "report": "turn a session log (JSONL) into a self-contained HTML report",
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"emorecog_stream.commands.{name}")
+        module = importlib.import_module(f"emorecog_stream.commands.{name.replace('-', '_')}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.configure(command_parser)
         command_parser.set_defaults(_module=module)
