@@ -91,14 +91,15 @@ def test_one_file_per_volume_index_and_series_from_name(tmp_path):
         one = nib.Nifti1Image(data[..., i], img.affine, img.header)
         nib.save(one, tmp_path / f"run1_{i:05d}.nii.gz")
     (vol,) = read_nifti(str(tmp_path / "run1_00007.nii.gz"))
-    assert vol.index == 7
+    assert vol.index == 6  # names count from 1 by default, as the scanner does
+    assert read_nifti(str(tmp_path / "run1_00007.nii.gz"), number_base=0)[0].index == 7
     assert vol.series == str(tmp_path / "run1_*.nii.gz")
     assert vol.data.shape == (17, 21, 3)
     saved = nib.load(tmp_path / "run1_00007.nii.gz")
     np.testing.assert_array_equal(vol.data, np.asarray(saved.dataobj, dtype=np.float32))
     np.testing.assert_allclose(vol.data, img.get_fdata(dtype=np.float32)[..., 7], rtol=1e-4)
     other = read_nifti(str(tmp_path / "run1_00006.nii.gz"))[0]
-    assert other.series == vol.series and other.index == 6
+    assert other.series == vol.series and other.index == 5
 
 
 def test_growing_4d_file_gives_each_volume_once(tmp_path):

@@ -32,16 +32,21 @@ def volume_bytes(i: int) -> bytes:
     return one.to_bytes()
 
 
+def name(i: int) -> str:
+    """The file of volume index ``i``, numbered as scanners count (the first is 1)."""
+    return f"vol_{i + 1:05d}.nii"
+
+
 def expected_volume(i: int) -> np.ndarray:
     return np.asarray(nib.load(FUNCTIONAL).dataobj, dtype=np.float32)[..., i]
 
 
-def put_by_rename(folder: Path, name: str, payload: bytes) -> Path:
+def put_by_rename(folder: Path, file_name: str, payload: bytes) -> Path:
     """How most exporters deliver: write under a hidden name, then rename (atomic)."""
-    tmp = folder / f".{name}.part"
+    tmp = folder / f".{file_name}.part"
     tmp.write_bytes(payload)
-    os.replace(tmp, folder / name)
-    return folder / name
+    os.replace(tmp, folder / file_name)
+    return folder / file_name
 
 
 def put_slowly(
@@ -82,12 +87,12 @@ async def test_rename_and_slow_write_each_read_once_when_whole(tmp_path, poll):
     events: list[WatchEvent] = []
     async with VolumeWatcher(tmp_path, poll=poll, on_event=events.append) as watcher:
         stream = watcher.volumes()
-        put_by_rename(tmp_path, "vol_0000.nii", volume_bytes(0))
+        put_by_rename(tmp_path, name(0), volume_bytes(0))
         (first,) = await take(stream, 1)
-        writer = put_slowly(tmp_path / "vol_0001.nii", volume_bytes(1))
+        writer = put_slowly(tmp_path / name(1), volume_bytes(1))
         (second,) = await take(stream, 1)
         writer.join()
-        put_by_rename(tmp_path, "vol_0002.nii", volume_bytes(2))
+        put_by_rename(tmp_path, name(2), volume_bytes(2))
         (third,) = await take(stream, 1)
         await asyncio.sleep(3 * POLL)  # nothing more may come
         assert watcher.counters.volumes == 3
@@ -95,7 +100,7 @@ async def test_rename_and_slow_write_each_read_once_when_whole(tmp_path, poll):
     assert [a.volume.index for a in got] == [0, 1, 2]
     for i, arrived in enumerate(got):
         np.testing.assert_array_equal(arrived.volume.data, expected_volume(i))
-        assert arrived.path == str(tmp_path / f"vol_{i:04d}.nii")
+        assert arrived.path == str(tmp_path / name(i))
         assert arrived.segment == 0
         assert arrived.volume.tr == pytest.approx(2.0)
     assert first.arrived < second.arrived < third.arrived
@@ -105,7 +110,7 @@ async def test_rename_and_slow_write_each_read_once_when_whole(tmp_path, poll):
     if poll is not None:
         # Polling saw the slow file half-written and came back for it.
         retry = await event_of(events, "retrying")
-        assert "vol_0001.nii" in retry.message
+        assert name(1) in retry.message
         assert watcher.counters.retries >= 1
 
 
@@ -114,21 +119,21 @@ async def test_gap_corrupt_file_and_side_file_are_reported_and_the_stream_goes_o
     async with VolumeWatcher(tmp_path, poll=POLL, on_event=events.append) as watcher:
         stream = watcher.volumes()
         for i in (0, 1):
-            put_by_rename(tmp_path, f"vol_{i:04d}.nii", volume_bytes(i))
+            put_by_rename(tmp_path, name(i), volume_bytes(i))
             await take(stream, 1)
-        (tmp_path / "vol_0003.nii").write_bytes(b"scanner console crashed here " * 50)
+        (tmp_path / name(3)).write_bytes(b"scanner console crashed here " * 50)
         (tmp_path / "scan_notes.txt").write_text("subject moved at volume 3\n")
         await asyncio.sleep(3 * POLL)
-        put_by_rename(tmp_path, "vol_0004.nii", volume_bytes(4))
+        put_by_rename(tmp_path, name(4), volume_bytes(4))
         (after,) = await take(stream, 1)
-        put_by_rename(tmp_path, "vol_0005.nii", volume_bytes(5))
+        put_by_rename(tmp_path, name(5), volume_bytes(5))
         (last,) = await take(stream, 1)
         broken = await event_of(events, "broken")
     assert (after.volume.index, last.volume.index) == (4, 5)
     np.testing.assert_array_equal(after.volume.data, expected_volume(4))
     gap = next(e for e in events if e.kind == "gap")
-    assert "missing volumes 2-3" in gap.message and "vol_0004.nii" in gap.message
-    assert broken.path == str(tmp_path / "vol_0003.nii") and "vol_0003.nii" in broken.message
+    assert "missing volumes 3-4" in gap.message and name(4) in gap.message
+    assert broken.path == str(tmp_path / name(3)) and name(3) in broken.message
     ignored = next(e for e in events if e.kind == "ignored")
     assert "scan_notes.txt" in ignored.message
     c = watcher.counters
@@ -138,12 +143,12 @@ async def test_gap_corrupt_file_and_side_file_are_reported_and_the_stream_goes_o
 @pytest.mark.parametrize("from_start", [True, False])
 async def test_files_present_at_start_are_read_or_skipped(tmp_path, from_start):
     for i in (0, 1, 2):
-        put_by_rename(tmp_path, f"vol_{i:04d}.nii", volume_bytes(i))
+        put_by_rename(tmp_path, name(i), volume_bytes(i))
     (tmp_path / "old.log").write_text("previous session")
     async with VolumeWatcher(tmp_path, poll=POLL, from_start=from_start) as watcher:
         stream = watcher.volumes()
         await asyncio.sleep(3 * POLL)
-        put_by_rename(tmp_path, "vol_0003.nii", volume_bytes(3))
+        put_by_rename(tmp_path, name(3), volume_bytes(3))
         got = await take(stream, 4 if from_start else 1)
         await asyncio.sleep(3 * POLL)
         assert watcher.counters.volumes == len(got)
@@ -160,7 +165,7 @@ async def test_two_series_in_one_folder_are_two_segments(tmp_path):
         stream = watcher.volumes()
         got = []
         for i in (0, 1):
-            put_by_rename(tmp_path, f"func_{i:04d}.nii", volume_bytes(i))
+            put_by_rename(tmp_path, f"func_{i + 1:04d}.nii", volume_bytes(i))
             got += await take(stream, 1)
         for i, payload in enumerate(mosaic):
             put_by_rename(tmp_path, f"001_000012_{i + 1:06d}.dcm", payload)
@@ -171,7 +176,7 @@ async def test_two_series_in_one_folder_are_two_segments(tmp_path):
     assert got[2].volume.series == got[3].volume.series != got[0].volume.series
     series_events = [e for e in events if e.kind == "new_series"]
     assert len(series_events) == 2 and watcher.counters.series == 2
-    assert "func_0000.nii" in series_events[0].message
+    assert "func_0001.nii" in series_events[0].message
     assert "001_000012_000001.dcm" in series_events[1].message
     assert not [e for e in events if e.kind in ("gap", "broken", "out_of_order")]
 
@@ -225,7 +230,7 @@ async def test_event_mode_reports_a_broken_file_and_carries_on(tmp_path):
     async with VolumeWatcher(tmp_path, on_event=events.append) as watcher:
         stream = watcher.volumes()
         (tmp_path / "vol_0000.dcm").write_bytes(os.urandom(3000))
-        put_by_rename(tmp_path, "vol_0001.nii", volume_bytes(1))
+        put_by_rename(tmp_path, name(1), volume_bytes(1))
         (arrived,) = await take(stream, 1)
         broken = await event_of(events, "broken")
     assert arrived.volume.index == 1
@@ -239,13 +244,13 @@ async def test_late_volume_is_reported_out_of_order_and_still_delivered(tmp_path
         stream = watcher.volumes()
         got = []
         for i in (0, 2, 1, 3):
-            put_by_rename(tmp_path, f"vol_{i:04d}.nii", volume_bytes(i))
+            put_by_rename(tmp_path, name(i), volume_bytes(i))
             got += await take(stream, 1)
     assert [a.volume.index for a in got] == [0, 2, 1, 3]
     kinds = [e.kind for e in events]
     assert kinds.count("gap") == 1 and kinds.count("out_of_order") == 1
     late = next(e for e in events if e.kind == "out_of_order")
-    assert "vol_0001.nii" in late.message and "after volume 2" in late.message
+    assert name(1) in late.message and "after volume 3" in late.message
     assert watcher.counters.out_of_order == 1
 
 
@@ -254,11 +259,11 @@ async def test_file_that_stays_truncated_is_reported_broken_after_the_timeout(tm
     watcher = VolumeWatcher(tmp_path, poll=POLL, incomplete_timeout=0.4, on_event=events.append)
     async with watcher:
         stream = watcher.volumes()
-        (tmp_path / "vol_0000.nii").write_bytes(volume_bytes(0)[:1000])  # writer died
+        (tmp_path / name(0)).write_bytes(volume_bytes(0)[:1000])  # writer died
         broken = await event_of(events, "broken")
-        put_by_rename(tmp_path, "vol_0001.nii", volume_bytes(1))
+        put_by_rename(tmp_path, name(1), volume_bytes(1))
         (arrived,) = await take(stream, 1)
-    assert "vol_0000.nii" in broken.message and "unchanged" in broken.message
+    assert name(0) in broken.message and "unchanged" in broken.message
     assert [e.kind for e in events][:1] == ["retrying"]
     assert arrived.volume.index == 1
     assert watcher.counters.broken == 1 and watcher.counters.retries >= 2
@@ -268,17 +273,17 @@ async def test_a_volume_of_an_earlier_series_is_dropped_not_mixed(tmp_path):
     events: list[WatchEvent] = []
     async with VolumeWatcher(tmp_path, poll=POLL, on_event=events.append) as watcher:
         stream = watcher.volumes()
-        put_by_rename(tmp_path, "runA_0000.nii", volume_bytes(0))
-        put_by_rename(tmp_path, "runA_0001.nii", volume_bytes(1))
+        put_by_rename(tmp_path, "runA_0001.nii", volume_bytes(0))
+        put_by_rename(tmp_path, "runA_0002.nii", volume_bytes(1))
         got = await take(stream, 2)
-        put_by_rename(tmp_path, "runB_0000.nii", volume_bytes(2))
+        put_by_rename(tmp_path, "runB_0001.nii", volume_bytes(2))
         got += await take(stream, 1)
-        put_by_rename(tmp_path, "runA_0002.nii", volume_bytes(3))  # late file of run A
+        put_by_rename(tmp_path, "runA_0003.nii", volume_bytes(3))  # late file of run A
         stale = await event_of(events, "stale_series")
-        put_by_rename(tmp_path, "runB_0001.nii", volume_bytes(4))
+        put_by_rename(tmp_path, "runB_0002.nii", volume_bytes(4))
         got += await take(stream, 1)
     assert [(a.segment, a.volume.index) for a in got] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert "runA_0002.nii" in stale.message
+    assert "runA_0003.nii" in stale.message
 
 
 def test_bad_folder_is_a_clear_error(tmp_path):

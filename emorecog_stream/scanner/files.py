@@ -208,19 +208,22 @@ def _nifti_failure(path: str, exc: Exception, size: int) -> VolumeReadError:
     return cls(path, f"NIfTI not readable ({type(exc).__name__}: {text.splitlines()[0]})")
 
 
-def read_nifti(path: str, *, start: int = 0) -> list[Volume]:
+def read_nifti(path: str, *, start: int = 0, number_base: int = 1) -> list[Volume]:
     """Volumes ``start``, ``start+1``, ... of a NIfTI file, as far as the file holds them whole.
 
-    A 3-D file (or 4-D with one volume) is one volume whose index is the last number in its
-    name and whose series is the folder plus the name with that number replaced by ``*``.
+    A 3-D file (or 4-D with one volume) is one volume whose series is the folder plus the name
+    with its last number replaced by ``*``, and whose index is that number minus
+    ``number_base``: 1 for names that count volumes like the scanner does (``vol_00001.nii`` is
+    the first, as DICOM's AcquisitionNumber and the project's simulator count), 0 for names that
+    count from 0 (fslsplit's ``vol0000``). A number below the base gives no index.
     A 4-D file is a growing run: its series is the file's path, index the position in it; an
     uncompressed file hands out every volume whose bytes are all there, so a run written volume
     by volume is read as it grows. A ``.nii.gz`` is read only once its gzip stream is whole.
     """
-    return _read_nifti(path, start)[0]
+    return _read_nifti(path, start, number_base)[0]
 
 
-def _read_nifti(path: str, start: int) -> tuple[list[Volume], bool]:
+def _read_nifti(path: str, start: int, number_base: int = 1) -> tuple[list[Volume], bool]:
     """:func:`read_nifti`, and whether the file may still grow (an uncompressed 4-D run)."""
     import nibabel as nib
 
@@ -247,7 +250,9 @@ def _read_nifti(path: str, start: int) -> tuple[list[Volume], bool]:
             data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape[:3])
             pattern, number = _split_number(name)
             series = os.path.join(os.path.dirname(os.path.abspath(path)), pattern)
-            return [Volume(data, affine, series, number, tr, name, notes)], False
+            index = number - number_base if number is not None else None
+            index = index if index is not None and index >= 0 else None
+            return [Volume(data, affine, series, index, tr, name, notes)], False
         available = n_volumes
         growing = not path.lower().endswith(".gz")
         if growing:
@@ -521,8 +526,12 @@ class VolumeReader:
     slices of per-slice DICOM volumes until they are complete, so every volume comes out once.
     """
 
-    def __init__(self, slices_per_volume: int | None = None) -> None:
+    def __init__(
+        self, slices_per_volume: int | None = None, name_number_base: int = 1
+    ) -> None:
         self.assembler = SliceAssembler(slices_per_volume)
+        self.name_number_base = name_number_base
+        """What the first volume's file is numbered in per-volume NIfTI names (see read_nifti)."""
         self._given: dict[str, int] = {}
         self._done: set[str] = set()
 
@@ -537,7 +546,7 @@ class VolumeReader:
             return []
         kind = kind or classify(path)
         if kind.kind == "nifti":
-            volumes, growing = _read_nifti(path, self._given.get(key, 0))
+            volumes, growing = _read_nifti(path, self._given.get(key, 0), self.name_number_base)
             self._given[key] = self._given.get(key, 0) + len(volumes)
             if not growing:
                 self._done.add(key)

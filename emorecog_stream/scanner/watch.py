@@ -146,17 +146,24 @@ def _spans(numbers: list[int]) -> str:
 class VolumeWatcher:
     """Volumes from an export folder, in order of arrival, one segment per series.
 
-    ``poll``: seconds between directory scans for network shares (SMB/NFS give no events);
-    None uses the operating system's events. ``from_start``: read the files already in the
-    folder (oldest first) instead of skipping them. ``slices_per_volume``: for per-slice DICOM
-    exports whose headers do not say. ``settle``: how long a file must stay unchanged before a
-    read error on it counts as broken rather than half-written. ``incomplete_timeout``: how long
-    a truncated-looking file may stay unchanged before it is reported broken.
-    ``read_in_thread``: read files in a worker thread so the event loop keeps serving other
-    work meanwhile (a 104x104x72 NIfTI takes ~1.3 ms, a Siemens mosaic more); False reads on
-    the loop and saves one thread hand-over per file (~0.2 ms here, more on a busy machine).
-    ``on_event``:
-    called with each :class:`WatchEvent` (they are also kept in ``events`` and logged).
+    * ``poll``: seconds between directory scans, for network shares (SMB/NFS give no events);
+      None uses the operating system's events.
+    * ``from_start``: read the files already in the folder (oldest first) instead of skipping
+      them (a growing 4-D NIfTI then gives only the volumes written after the start).
+    * ``slices_per_volume``: for per-slice DICOM exports whose headers do not say.
+    * ``name_number_base``: the number in the first volume's name, for one-NIfTI-per-volume
+      exports (1: ``vol_00001.nii`` is the first, as scanners count; 0: ``vol0000.nii``).
+    * ``recursive``: also watch sub-folders (GE writes one folder per series).
+    * ``settle``: how long a file must stay unchanged before a read error on it counts as a
+      broken file rather than a half-written one.
+    * ``incomplete_timeout``: how long a truncated-looking file may stay unchanged before it is
+      reported broken (a writer that died).
+    * ``retry_interval``: the first retry's delay; it doubles up to 0.5 s.
+    * ``read_in_thread``: read files in a worker thread, so the event loop keeps serving other
+      work meanwhile (a 104x104x72 NIfTI takes ~1.3 ms, a Siemens mosaic more); False reads on
+      the loop and saves one thread hand-over per file (~0.2-1 ms on this 2-core machine).
+    * ``on_event``: called with each :class:`WatchEvent` (they are also kept in ``events`` and
+      logged). Messages count volumes from 1, as the scanner console does.
     """
 
     def __init__(
@@ -166,6 +173,7 @@ class VolumeWatcher:
         poll: float | None = None,
         from_start: bool = False,
         slices_per_volume: int | None = None,
+        name_number_base: int = 1,
         recursive: bool = False,
         settle: float = 0.25,
         incomplete_timeout: float = 10.0,
@@ -187,7 +195,7 @@ class VolumeWatcher:
         self.retry_interval = retry_interval
         self.read_in_thread = read_in_thread
         self.on_event = on_event
-        self.reader = VolumeReader(slices_per_volume)
+        self.reader = VolumeReader(slices_per_volume, name_number_base)
         self.counters = WatchCounters()
         self.events: deque[WatchEvent] = deque(maxlen=1000)
         """The latest events, oldest first."""
@@ -479,15 +487,17 @@ class VolumeWatcher:
             self.counters.missing += len(missing)
             self._emit(
                 "gap",
-                f"{volume.source}: volume {volume.index} follows {last}; "
-                f"missing volume{'s' if len(missing) > 1 else ''} {_spans(missing)}",
+                f"{volume.source}: volume {volume.index + 1} follows volume {last + 1}; "
+                f"missing volume{'s' if len(missing) > 1 else ''} "
+                f"{_spans([m + 1 for m in missing])} (counting from 1)",
                 path,
             )
         elif last is not None and volume.index <= last:
             self.counters.out_of_order += 1
             self._emit(
                 "out_of_order",
-                f"{volume.source}: volume {volume.index} arrived after volume {last}",
+                f"{volume.source}: volume {volume.index + 1} arrived after volume {last + 1}"
+                " (counting from 1)",
                 path,
             )
         if last is None or volume.index > last:
