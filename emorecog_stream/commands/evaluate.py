@@ -115,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     figures["data"] = args.data
     figures["participants"] = sorted({d.participant for d in datas})
     figures["label_delay_s"] = sorted({d.label_delay for d in datas})
+    if split is not None:
+        figures["split"] = {"file": str(args.split_file), "name": args.split, **split.describe()}
 
     table = Table(title=f"{model.model_id} on {args.data} {figures['participants']}")
     for col in ("view", "n", "accuracy", "chance", "macro-F1", "MAE", "MAE if 0", "Pearson r"):

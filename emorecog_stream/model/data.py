@@ -227,28 +227,60 @@ def _participant(number: str) -> str:
     return f"P{int(number):02d}"
 
 
-def read_split_file(path: str | Path) -> Split:
-    """A CSV split like the seed's ``levelsplit.csv``.
+def _split_of_column(name: str) -> str | None:
+    """The split a column holds: ``train``, ``train_list`` (the seed's file), ``Validation``..."""
+    word = name.strip().lower()
+    for suffix in ("_list", "_files", "_set"):
+        word = word.removesuffix(suffix)
+    return _SPLIT_WORDS.get(word)
 
-    Accepted shapes: rows holding a trial reference (any cell containing ``P{pp}_{trial}``, e.g.
-    a path ``.../N1\\P10_29_N1.npz``, or a bare participant ``P10``) and a cell naming the split
-    (train / val / validation / test); or columns headed train / val(idation) / test whose cells
-    are such references. Written from the file's public description, not tested on the original.
+
+_PADDING = ("", "0")
+"""Cells that hold nothing: the seed's wide file pads its shorter columns with ``0``."""
+
+
+def read_split_file(path: str | Path) -> Split:
+    """A CSV split such as the seed's ``levelsplit.csv``.
+
+    Accepted shapes:
+
+    * **wide** (the seed's own file): columns headed ``train_list, val_list, test_list`` (or
+      train / val(idation) / test), one trial per cell as a path such as
+      ``./level/fmri_p1_data/N1\\P10_29_N1.npz`` (Windows or POSIX separators; the file name
+      gives participant 10, trial 29), shorter columns padded with ``0``; other columns (the
+      seed's ``*_distribution``) are ignored;
+    * **long**: one row per trial (a cell with ``P{pp}_{trial}``) or participant (``P10``) and a
+      cell naming its split.
+
+    A trial named in two splits, or a cell of a split column that is neither a reference nor
+    padding, is an error naming the line.
     """
     path = Path(path)
+    where = f"split file {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"split file {str(path)!r}: no such file")
+        raise ValueError(f"{where}: no such file")
     with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        rows = [
+            (number, row)
+            for number, row in enumerate(csv.reader(f), start=1)
+            if any(cell.strip() for cell in row)
+        ]
     if not rows:
-        raise ValueError(f"split file {str(path)!r}: empty")
+        raise ValueError(f"{where}: empty")
     participants: dict[str, str] = {}
     trials: dict[tuple[str, int], str] = {}
 
-    def add(cell: str, split: str) -> bool:
-        m = _TRIAL_REF.search(cell)
+    def add(cell: str, split: str, number: int) -> bool:
+        name = re.split(r"[\\/]", cell.strip())[-1]  # the file name, whatever the separators
+        m = _TRIAL_REF.search(name)
         if m:
-            trials[(_participant(m.group(1)), int(m.group(2)))] = split
+            key = (_participant(m.group(1)), int(m.group(2)))
+            if trials.get(key, split) != split:
+                raise ValueError(
+                    f"{where} line {number}: trial {key[1]} of {key[0]} is in both"
+                    f" {trials[key]!r} and {split!r}"
+                )
+            trials[key] = split
             return True
         m = _PARTICIPANT_REF.match(cell)
         if m:
@@ -256,32 +288,39 @@ def read_split_file(path: str | Path) -> Split:
             return True
         return False
 
-    header = [_SPLIT_WORDS.get(c.strip().lower()) for c in rows[0]]
-    if any(header) and not any(_TRIAL_REF.search(c) for c in rows[0]):
-        for row in rows[1:]:
-            for split, cell in zip(header, row, strict=False):
-                if split:
-                    add(cell, split)
+    first = rows[0][1]
+    header = [_split_of_column(c) for c in first]
+    if any(header) and not any(_TRIAL_REF.search(c) for c in first):
+        for number, row in rows[1:]:
+            for split, column, cell in zip(header, first, row, strict=False):
+                if split and cell.strip() not in _PADDING and not add(cell, split, number):
+                    raise ValueError(
+                        f"{where} line {number}, column {column.strip()!r}: expected a trial"
+                        " file such as ./level/fmri_p1_data/N1\\P10_29_N1.npz"
+                        f" (P{{pp}}_{{trial}}), a participant P{{pp}} or 0 (nothing),"
+                        f" found {cell!r}"
+                    )
     else:
-        for number, row in enumerate(rows, start=1):
+        for number, row in rows:
             words = [
                 _SPLIT_WORDS[c.strip().lower()] for c in row if c.strip().lower() in _SPLIT_WORDS
             ]
             if not words:
-                if number == 1:
+                if number == rows[0][0]:
                     continue  # a header such as "path,label,split"
                 raise ValueError(
-                    f"split file {str(path)!r} line {number}: no split name"
-                    f" (train/val/test) in {row}"
+                    f"{where} line {number}: no split name (train/val/test) in {row}; expected"
+                    " a row per trial with its split, or columns headed train_list, val_list,"
+                    " test_list (or train, val, test)"
                 )
-            if not any(add(cell, words[0]) for cell in row):
+            if not any(add(cell, words[0], number) for cell in row):
                 raise ValueError(
-                    f"split file {str(path)!r} line {number}: no trial reference"
+                    f"{where} line {number}: no trial reference"
                     f" (P{{pp}}_{{trial}}) or participant (P{{pp}}) in {row}"
                 )
     if not participants and not trials:
         raise ValueError(
-            f"split file {str(path)!r}: found no trial references (P{{pp}}_{{trial}}) or"
+            f"{where}: found no trial references (P{{pp}}_{{trial}}) or"
             " participants with a train/val/test split"
         )
     return Split(participants, trials)
