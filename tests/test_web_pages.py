@@ -462,3 +462,38 @@ def test_pages_follow_the_engine_on_a_replay_and_recover_from_a_broker_restart(
             stop.set()
             pusher.join(5)
         assert before == n
+
+
+def test_many_sessions_one_row_each_click_into_one_fd_plot_only_when_carried(
+    mqtt_broker: Any,
+) -> None:
+    from emorecog_stream.sinks.mqtt import MqttSettings
+    from tests.plugins.mqtt_broker import unique_session
+
+    with_fd, without_fd, third = unique_session(), unique_session(), unique_session()
+    with ServerThread(MqttSettings.from_url(mqtt_broker.url)) as web, chromium(1400, 1000) as page:
+        page.get(web.url("/"))
+        wait_js(page, "document.getElementById('conn').textContent.includes('connected')")
+        for i in range(5):
+            web.publish(with_fd, [prediction(with_fd, i, 0.5, framewise_displacement=0.1 * i)])
+            web.publish(without_fd, [prediction(without_fd, i, 0.4)])
+        web.publish(third, [prediction(third, 0, 0.7)])
+        wait_js(page, "document.querySelectorAll('#sessions tbody tr').length === 3")
+        assert page.execute_script("return document.getElementById('detail').hidden")
+        rows = page.find_elements("css selector", "#sessions tbody tr")
+        by_id = {row.find_element("css selector", "td").text: row for row in rows}
+        assert set(by_id) == {with_fd, without_fd, third}
+        by_id[with_fd].click()
+        wait_js(page, f"document.getElementById('d-session').textContent === '{with_fd}'")
+        wait_js(page, "!document.getElementById('plot-fd').hidden")
+        cells = page.execute_script(
+            "return [...document.querySelector('tr.selected').children].map(td => td.textContent)"
+        )
+        assert cells[0] == with_fd and cells[11] == "0.40 mm" and cells[1] == "online"
+        page.find_element("id", "back").click()
+        wait_js(page, "document.getElementById('detail').hidden")
+        by_id[without_fd].click()
+        wait_js(page, f"document.getElementById('d-session').textContent === '{without_fd}'")
+        assert page.execute_script("return document.getElementById('plot-fd').hidden")
+        png = page.get_screenshot_as_png()
+        not_blank(png, 20)
