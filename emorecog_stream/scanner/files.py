@@ -559,6 +559,11 @@ class VolumeReader:
             return result
         raise VolumeReadError(path, f"not an image: {kind.reason}")
 
+    def is_growing(self, path: str) -> bool:
+        """True for a 4-D NIfTI that may still receive volumes (worth looking at again)."""
+        key = os.path.abspath(path)
+        return key in self._given and key not in self._done
+
     def skip(self, path: str) -> None:
         """Treat what the file holds now as already handed out (files present at start).
 

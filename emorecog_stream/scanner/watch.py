@@ -3,9 +3,7 @@
 Why watchdog (compared with watchfiles and asyncinotify):
 
 * It runs where labs run: inotify on Linux, FSEvents on macOS, ReadDirectoryChangesW on
-  Windows, and its ``PollingObserver`` for SMB/NFS shares, which deliver no events for files the
-  scanner console writes. The poller keeps going through a share's brief outages (it logs the
-  error once and polls again) instead of ending the watch.
+  Windows, with one API.
 * On Linux it reports close-after-write (``FileClosedEvent``) and pairs renames into one
   ``FileMovedEvent`` without delay, the two moments a file is known to be complete, so a volume
   is read the instant its last byte lands rather than after a quiet period.
@@ -13,6 +11,14 @@ Why watchdog (compared with watchfiles and asyncinotify):
   by a debounce (50 ms steps by default), so a finished file cannot be told from one still being
   written without waiting; it is also not in this project's environment. asyncinotify is
   Linux-only.
+
+Polling (``poll=`` seconds, for SMB/NFS shares, which deliver no events for files the scanner
+console writes) is a small loop here rather than watchdog's ``PollingObserver``: that one stats
+every file of the folder each period (thousands on a per-slice export) and emits the new files
+one event at a time in set order, so files landing within one period came out of acquisition
+order. This loop lists the folder once per period (in a thread: a share can stall), stats only
+the files still in play (being written, growing 4-D, broken), hands each period's new files to
+the reader at once, oldest first, and rides out a share's outage with one ``watch_error`` event.
 
 watchdog calls back on its own threads; each callback only hops onto the event loop
 (``call_soon_threadsafe``). One task then reads candidate files in order with
@@ -27,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -123,8 +130,6 @@ def _stat_key(path: str) -> tuple[int, int] | None:
 
 def _natural_key(path: str) -> tuple:
     """Sort ``vol_2`` before ``vol_10``: numbers in names compare as numbers."""
-    import re
-
     parts = re.split(r"(\d+)", os.path.basename(path))
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
@@ -203,6 +208,10 @@ class VolumeWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer = None
         self._task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task | None = None
+        self._known: set[str] = set()
+        """Poll mode: the names listed last period."""
+        self._poll_stats: dict[str, tuple[int, int] | None] = {}
         self._wake: asyncio.Queue[str] | None = None
         self._out: asyncio.Queue[ArrivedVolume | None] | None = None
         self._files: dict[str, _FileState] = {}
@@ -232,38 +241,41 @@ class VolumeWatcher:
             return
         if self._closed:
             raise RuntimeError("this VolumeWatcher was closed; make a new one")
-        from watchdog.observers import Observer
-        from watchdog.observers.polling import PollingObserver
-
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Queue()
         self._out = asyncio.Queue()
-        observer = PollingObserver(timeout=self.poll) if self.poll else Observer()
-        observer.schedule(
-            _Handler(self),
-            self.folder,
-            recursive=self.recursive,
-            # Not opened / closed-without-write: our own reads would wake us up again.
-            event_filter=[
-                FileCreatedEvent,
-                FileModifiedEvent,
-                FileClosedEvent,
-                FileMovedEvent,
-                FileDeletedEvent,
-            ],
-        )
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        if self.poll is None:
+            from watchdog.observers import Observer
+
+            observer = Observer()
+            observer.schedule(
+                _Handler(self),
+                self.folder,
+                recursive=self.recursive,
+                # Not opened / closed-without-write: our own reads would wake us up again.
+                event_filter=[
+                    FileCreatedEvent,
+                    FileModifiedEvent,
+                    FileClosedEvent,
+                    FileMovedEvent,
+                    FileDeletedEvent,
+                ],
+            )
+            observer.daemon = True
+            observer.start()
+            self._observer = observer
         # Listed after the observer started, so no file falls between the two.
         existing = self._list_folder()
+        self._known = set(existing)
         if self.from_start:
-            for path in sorted(existing, key=lambda p: (_mtime(p), _natural_key(p))):
+            for path in _arrival_order(existing):
                 self._wake.put_nowait(path)
         else:
             for path in existing:
                 self._skip_existing(path)
         self._task = asyncio.create_task(self._run(), name=f"watch {self.folder}")
+        if self.poll is not None:
+            self._poll_task = asyncio.create_task(self._poll(), name=f"poll {self.folder}")
 
     def close(self) -> None:
         """Stop watching; ``volumes()`` ends after the volumes already read."""
@@ -275,8 +287,9 @@ class VolumeWatcher:
         for state in self._files.values():
             if state.timer is not None:
                 state.timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._poll_task):
+            if task is not None:
+                task.cancel()
         if self._out is not None:
             self._out.put_nowait(None)
 
@@ -300,18 +313,68 @@ class VolumeWatcher:
 
     # ------------------------------------------------------------------ file-system events
 
-    def _list_folder(self) -> list[str]:
+    def _list_files(self) -> list[str]:
+        """The folder's files (raises OSError when the folder cannot be read)."""
+        if not self.recursive:
+            with os.scandir(self.folder) as entries:
+                return [e.path for e in entries if e.is_file()]
         paths: list[str] = []
+
+        def fail(exc: OSError) -> None:
+            raise exc
+
+        for root, _dirs, names in os.walk(self.folder, onerror=fail):
+            paths.extend(os.path.join(root, n) for n in names)
+        return paths
+
+    def _list_folder(self) -> list[str]:
         try:
-            if self.recursive:
-                for root, _dirs, names in os.walk(self.folder):
-                    paths.extend(os.path.join(root, n) for n in names)
-            else:
-                with os.scandir(self.folder) as entries:
-                    paths.extend(e.path for e in entries if e.is_file())
+            return self._list_files()
         except OSError as exc:
             self._emit("watch_error", f"cannot list {self.folder}: {exc}", self.folder)
-        return paths
+            return []
+
+    async def _poll(self) -> None:
+        """Poll mode: one listing per period; new and changed files go to the reader at once."""
+        assert self.poll is not None and self._wake is not None
+        failing = False
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                listing = await asyncio.to_thread(self._list_files)
+            except OSError as exc:
+                if not failing:
+                    self._emit(
+                        "watch_error",
+                        f"cannot list {self.folder} ({exc}); trying again every {self.poll:g} s",
+                        self.folder,
+                    )
+                failing = True
+                continue
+            if failing:
+                self._emit("watch_error", f"{self.folder} can be listed again", self.folder)
+                failing = False
+            current = set(listing)
+            for gone in self._known - current:
+                self._on_fs_event(gone, "deleted")
+            wake = [p for p in listing if p not in self._known]
+            self._known = current
+            for path in self._poll_targets():
+                stat = _stat_key(path)
+                if stat != self._poll_stats.get(path, stat) and path not in wake:
+                    wake.append(path)
+                self._poll_stats[path] = stat
+            for path in _arrival_order(wake):
+                self._wake.put_nowait(path)
+
+    def _poll_targets(self) -> set[str]:
+        """Files whose size/mtime matter: being written, growing 4-D, broken, too short."""
+        targets = set(self._files) | set(self._broken)
+        targets.update(p for p in self._known if self.reader.is_growing(p))
+        targets.update(p for p, (_, kind) in self._ignored.items() if _may_grow(kind))
+        for gone in set(self._poll_stats) - targets:
+            del self._poll_stats[gone]
+        return targets
 
     def _skip_existing(self, path: str) -> None:
         self._skipped[path] = _stat_key(path)
@@ -332,7 +395,7 @@ class VolumeWatcher:
             state = self._files.pop(path, None)
             if state is not None and state.timer is not None:
                 state.timer.cancel()
-            for table in (self._ignored, self._broken, self._skipped):
+            for table in (self._ignored, self._broken, self._skipped, self._poll_stats):
                 table.pop(path, None)
             self.reader.forget([path])
             return
@@ -363,8 +426,7 @@ class VolumeWatcher:
             while not self._wake.empty():
                 batch.append(self._wake.get_nowait())
             # Several files at once (a poll, the folder at start): oldest, then by number.
-            unique = sorted(set(batch), key=lambda p: (_mtime(p), _natural_key(p)))
-            for path in unique:
+            for path in _arrival_order(batch):
                 try:
                     await self._attempt(path)
                 except asyncio.CancelledError:
@@ -388,7 +450,7 @@ class VolumeWatcher:
             del self._broken[path]
         if path in self._ignored:
             old_stat, old_kind = self._ignored[path]
-            if old_stat == stat or not old_kind.reason.startswith("too short"):
+            if old_stat == stat or not _may_grow(old_kind):
                 return
             # A name that did not say, seen while short: it grew, so look again.
             del self._ignored[path]
@@ -397,7 +459,9 @@ class VolumeWatcher:
         if not kind.is_image:
             self._ignored[path] = (stat, kind)
             self.counters.ignored += 1
-            self._emit("ignored", f"{os.path.basename(path)}: ignored ({kind.reason})", path)
+            if not kind.reason.startswith(("hidden", "temporary")):
+                # Temporary names are every exporter's normal work in progress: counted only.
+                self._emit("ignored", f"{os.path.basename(path)}: ignored ({kind.reason})", path)
             return
         now = time.monotonic()
         state = self._files.get(path)
@@ -515,11 +579,21 @@ class VolumeWatcher:
                 log.exception("on_event callback failed for %s", event)
 
 
-def _mtime(path: str) -> float:
+def _may_grow(kind: FileKind) -> bool:
+    """An unknown name that was too short to sniff may still become a DICOM file."""
+    return kind.reason.startswith("too short")
+
+
+def _arrival_order(paths: list[str]) -> list[str]:
+    """Each path once, oldest first, then by the numbers in their names (same-tick mtimes)."""
+    return sorted(set(paths), key=lambda p: (_mtime_ns(p), _natural_key(p)))
+
+
+def _mtime_ns(path: str) -> int:
     try:
-        return os.stat(path).st_mtime
+        return os.stat(path).st_mtime_ns
     except OSError:
-        return float("inf")
+        return 1 << 62
 
 
 def _local_clock() -> float:
