@@ -534,8 +534,8 @@ class Rehearsal:
         ]
         for r in rows:
             sv = "n/a" if r.session_volume is None else str(r.session_volume)
-            values = "\t".join(f"{v:.6f}" for v in r.params)
-            lines.append(f"{r.series}\t{r.index}\t{int(r.dummy)}\t{sv}\t{values}\t{r.fd:.6f}")
+            values = "\t".join(f"{v:.10g}" for v in r.params)
+            lines.append(f"{r.series}\t{r.index}\t{int(r.dummy)}\t{sv}\t{values}\t{r.fd:.10g}")
         (out / "truth" / "motion.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         meta = self.description(rows)
         (out / "session.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
