@@ -144,3 +144,26 @@ def test_web_command_prints_both_urls_and_refuses_a_bad_session(mqtt_broker: Any
     assert "web: feedback page" in done.stdout and "/feedback?token=" in done.stdout
     assert "not loopback" in done.stdout
     assert time.monotonic() - started < 60
+
+
+def test_run_with_web_prints_the_urls_and_closes_them_when_the_engine_stops(
+    mqtt_broker: Any, tmp_path: Any
+) -> None:
+    """``run --web`` starts the pages as soon as the broker is known; here no fMRI stream
+    exists, so the engine stops with its error and the pages close with it."""
+    config = tmp_path / "lab.toml"
+    config.write_text(
+        "[engine]\nresolve_timeout = 1.0\n"
+        f'[streams.fmri]\nname = "no-such-stream-{unique_session()}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "emorecog_stream", "run", "--config", str(config), "--web",
+         "--web-port", "0", "--mqtt", mqtt_broker.url, "--no-dashboard", "--session", "S01"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "web: experimenter page http://127.0.0.1:" in done.stdout
+    assert "web: feedback page" in done.stdout and "emorecog/S01/prediction" in done.stdout
+    assert "fMRI" in done.stderr
