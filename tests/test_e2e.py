@@ -66,7 +66,7 @@ def e2e_config(broker_url: str, tag: str, session_id: str, **extra: Any):
         "mqtt.url": broker_url,
         "output.dashboard": False,
     }
-    for role in (Role.FMRI, Role.PPG, Role.RESP):
+    for role in Role:  # markers and motion (on by default) too: never another test's streams
         name, _type, source_id = stream_identity(role, tag)
         overrides[f"streams.{role.value}.name"] = name
         overrides[f"streams.{role.value}.source_id"] = source_id
@@ -295,7 +295,7 @@ def test_ctrl_c_sets_offline_flushes_and_closes_the_log(
     session_id = f"e2e-{uuid.uuid4().hex[:8]}"
     sub = mqtt_collector(mqtt_broker, [f"emorecog/{session_id}/#"])
     lines = [f'[session]\nid = "{session_id}"\n', "[output]\ndashboard = false\n"]
-    for role in (Role.FMRI, Role.PPG, Role.RESP):
+    for role in Role:
         name, _type, source_id = stream_identity(role, tag)
         lines.append(f'[streams.{role.value}]\nname = "{name}"\nsource_id = "{source_id}"\n')
     config = tmp_path / "run.toml"
