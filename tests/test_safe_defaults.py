@@ -476,3 +476,25 @@ async def test_a_certificate_for_another_host_is_refused_even_with_its_ca(
     error = (pub.stats.last_error or "").lower()
     assert "certificate verify failed" in error and "mismatch" in error, error
     assert pub.stats.sent == 0
+
+
+def test_the_config_key_and_the_flag_reach_the_mqtt_settings(tmp_path: Path, monkeypatch) -> None:
+    """``[mqtt] allow_insecure`` and ``run --allow-insecure`` end up in the publisher settings."""
+    from emorecog_stream.cli import build_parser
+    from emorecog_stream.commands.run import load_config_with_flags
+    from emorecog_stream.runner import RunError, mqtt_settings_for
+
+    monkeypatch.setenv("EMORECOG_TEST_PW", SECRET)
+    url = "mqtt://alice@10.1.2.3:1883"
+    parser = build_parser()
+    plain = load_config_with_flags(parser.parse_args(["run", "--config",
+                                                      str(_run_config(tmp_path))]))  # fmt: skip
+    with pytest.raises(RunError, match="refusing to send the MQTT password"):
+        mqtt_settings_for(plain, url)
+    for argv in (
+        ["run", "--config", str(_run_config(tmp_path)), "--allow-insecure"],
+        ["run", "--config", str(_run_config(tmp_path, allow_insecure=True))],
+    ):
+        config = load_config_with_flags(parser.parse_args(argv))
+        assert config.mqtt.allow_insecure is True
+        assert mqtt_settings_for(config, url).password == SECRET
