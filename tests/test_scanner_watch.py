@@ -107,6 +107,7 @@ async def test_rename_and_slow_write_each_read_once_when_whole(tmp_path, poll):
     # The slow file was not read before its last piece landed.
     assert second.arrived >= first.arrived + 3 * 0.15 - 0.05
     assert watcher.counters.broken == 0 and not [e for e in events if e.kind == "broken"]
+    assert watcher.counters.ignored == 0  # the exporter's hidden .part files are not side files
     if poll is not None:
         # Polling saw the slow file half-written and came back for it.
         retry = await event_of(events, "retrying")
@@ -145,7 +146,10 @@ async def test_files_present_at_start_are_read_or_skipped(tmp_path, from_start):
     for i in (0, 1, 2):
         put_by_rename(tmp_path, name(i), volume_bytes(i))
     (tmp_path / "old.log").write_text("previous session")
-    async with VolumeWatcher(tmp_path, poll=POLL, from_start=from_start) as watcher:
+    (tmp_path / ".DS_Store").write_bytes(b"\0" * 64)
+    events: list[WatchEvent] = []
+    watcher = VolumeWatcher(tmp_path, poll=POLL, from_start=from_start, on_event=events.append)
+    async with watcher:
         stream = watcher.volumes()
         await asyncio.sleep(3 * POLL)
         put_by_rename(tmp_path, name(3), volume_bytes(3))
@@ -154,6 +158,11 @@ async def test_files_present_at_start_are_read_or_skipped(tmp_path, from_start):
         assert watcher.counters.volumes == len(got)
     assert [a.volume.index for a in got] == ([0, 1, 2, 3] if from_start else [3])
     assert watcher.counters.ignored == (1 if from_start else 0)
+    assert watcher.counters.temporary == (1 if from_start else 0)
+    # The side file is named in an event; the hidden file is only counted.
+    assert [e.message for e in events if e.kind == "ignored"] == (
+        ["old.log: ignored (not an image file name)"] if from_start else []
+    )
 
 
 async def test_two_series_in_one_folder_are_two_segments(tmp_path):

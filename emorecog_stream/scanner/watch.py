@@ -99,6 +99,9 @@ class WatchCounters:
 
     volumes: int = 0
     ignored: int = 0
+    """Files that are not images (side files: logs, notes, sidecars), once each."""
+    temporary: int = 0
+    """Hidden and temporary names (an exporter's file in progress, renamed when done)."""
     broken: int = 0
     retries: int = 0
     gaps: int = 0
@@ -458,10 +461,12 @@ class VolumeWatcher:
         kind = classify(path)
         if not kind.is_image:
             self._ignored[path] = (stat, kind)
+            if kind.reason.startswith(("hidden", "temporary")):
+                # Every exporter's normal work in progress: counted apart, no event each.
+                self.counters.temporary += 1
+                return
             self.counters.ignored += 1
-            if not kind.reason.startswith(("hidden", "temporary")):
-                # Temporary names are every exporter's normal work in progress: counted only.
-                self._emit("ignored", f"{os.path.basename(path)}: ignored ({kind.reason})", path)
+            self._emit("ignored", f"{os.path.basename(path)}: ignored ({kind.reason})", path)
             return
         now = time.monotonic()
         state = self._files.get(path)
