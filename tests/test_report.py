@@ -206,7 +206,7 @@ def test_report_of_a_replayed_session(replayed_log: Path, session, model, tmp_pa
     headings = re.findall(r"<h2>(.*?)</h2>", page)
     for heading in SECTION_HEADINGS:
         assert any(h.startswith(heading) for h in headings), (heading, headings)
-    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
+    images = re.findall(r'<img alt="([^"]*)" [^>]*src="data:image/png;base64,([^"]+)"', page)
     assert [alt for alt, _ in images] == [
         "Timeline",
         "Heart rate, respiration",

@@ -18,6 +18,7 @@ import html
 import math
 import os
 import secrets
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ footer { margin-top: 30px; font-size: 12px; color: #666; }
 @page { size: A4; margin: 14mm; }
 @media print {
   body { margin: 0; max-width: none; font-size: 11px; }
+  table { font-size: 10px; }
   section { break-before: page; }
   section.first { break-before: auto; }
   figure, table, h2, h3 { break-inside: avoid; }
@@ -125,9 +127,12 @@ def _facts(pairs: Iterable[tuple[str, Any]]) -> str:
 
 def _figure(fig: FigureImage) -> str:
     data = base64.b64encode(fig.png).decode("ascii")
+    # the PNG's own size (IHDR), so the page is laid out before the image is decoded
+    width, height = struct.unpack(">II", fig.png[16:24])
     return (
-        f'<figure id="fig-{_esc(fig.name)}"><img alt="{_esc(fig.title)}" '
-        f'src="data:image/png;base64,{data}"><figcaption>{_esc(fig.caption)}</figcaption></figure>'
+        f'<figure id="fig-{_esc(fig.name)}"><img alt="{_esc(fig.title)}" width="{width}"'
+        f' height="{height}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_esc(fig.caption)}</figcaption></figure>"
     )
 
 
@@ -231,6 +236,19 @@ def _status_and_gaps(view: SessionView, figures: dict[str, FigureImage]) -> str:
     if "intervals" in figures:
         parts.append(_figure(figures["intervals"]))
     parts.append("<h3>Status changes</h3>")
+    durations = view.time_in_states()
+    if durations:
+        total = sum(durations.values())
+        parts.append(
+            _table(
+                ("state", "session time (s)", "share"),
+                (
+                    (state, f"{d:.1f}", f"{100 * d / total:.1f} %" if total > 0 else "-")
+                    for state, d in durations.items()
+                ),
+                numeric={1, 2},
+            )
+        )
     if view.statuses:
         parts.append(
             _table(
@@ -314,13 +332,14 @@ def _markers(view: SessionView) -> str:
             m.category,
             m.intensity,
             "yes" if m.is_trial_marker else "no",
-            m.text,
+            "" if m.is_trial_marker else m.text,
         )
         for m in view.markers
     )
     return (
         head
-        + f"<p>Every marker as logged (category -1/0/+1 = {legend}).</p>"
+        + f"<p>Every marker as logged (category -1/0/+1 = {legend}); the text as it came for"
+        " markers that are not trial markers.</p>"
         + _table(
             ("session time (s)", "event", "trial", "category", "intensity", "used", "text"),
             rows,

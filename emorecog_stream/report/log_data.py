@@ -227,6 +227,19 @@ class SessionView:
     def n_predictions(self) -> int:
         return int(self.time.shape[0])
 
+    def time_in_states(self) -> dict[str, float]:
+        """Session seconds spent in each status, from the first timed status change to the last
+        prediction (or the last change, if later); in order of first appearance."""
+        timed = [s for s in self.statuses if s.time is not None]
+        out: dict[str, float] = {}
+        if not timed:
+            return out
+        end = max(float(self.time[-1]) if self.time.size else timed[-1].time, timed[-1].time)
+        for k, s in enumerate(timed):
+            stop = timed[k + 1].time if k + 1 < len(timed) else end
+            out[s.state] = out.get(s.state, 0.0) + max(0.0, stop - s.time)
+        return out
+
     def latency_percentiles(self) -> dict[str, float] | None:
         """p50/p99/max of the logged per-step latency (linear-interpolated, as the engine's)."""
         lat = self.latency_ms[np.isfinite(self.latency_ms)]
