@@ -167,3 +167,30 @@ def test_run_with_web_prints_the_urls_and_closes_them_when_the_engine_stops(
     assert "web: experimenter page http://127.0.0.1:" in done.stdout
     assert "web: feedback page" in done.stdout and "emorecog/S01/prediction" in done.stdout
     assert "fMRI" in done.stderr
+
+
+def test_web_command_with_a_password_broker_and_a_taken_port(mqtt_broker_factory: Any) -> None:
+    broker = mqtt_broker_factory(username="lab", password="s3cret-pw")
+    host, port = broker.host, broker.port
+    env = {**__import__("os").environ, "WEB_TEST_PW": "s3cret-pw"}
+    cmd = [sys.executable, "-m", "emorecog_stream", "web", "--mqtt", f"mqtt://lab@{host}:{port}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        refused = subprocess.run(
+            [*cmd, "--password-env", "WEB_TEST_PW", "--port", str(busy), "--duration", "1"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+    assert refused.returncode == 2 and f"127.0.0.1:{busy}" in refused.stderr
+    assert "--port" in refused.stderr
+    with ServerThread(
+        MqttSettings.from_url(f"mqtt://lab@{host}:{port}", password="s3cret-pw")
+    ) as web:
+        assert web.server.bridge.health.connected_since is not None
+    missing = subprocess.run(
+        [*cmd, "--password-env", "NO_SUCH_VAR_FOR_WEB", "--duration", "1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "NO_SUCH_VAR_FOR_WEB is not set" in missing.stderr
+    assert "s3cret" not in missing.stderr + refused.stderr

@@ -31,14 +31,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (default 127.0.0.1; any other needs the printed token)",
     )
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    parser.add_argument(
+        "--password-env", metavar="VAR", help="MQTT password from this environment variable"
+    )
+    parser.add_argument("--password-file", metavar="FILE", help="MQTT password from this file")
+    parser.add_argument("--ca-file", metavar="FILE", help="CA certificate for mqtts://")
 
 
 def web_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config keys from the flags (None: keep the file's). The URL's user name counts as
+    ``[mqtt] username``, so ``--mqtt mqtt://lab@host --password-env VAR`` works as it reads."""
+    from urllib.parse import unquote, urlsplit
+
+    url = getattr(args, "mqtt", None)
+    try:
+        user = urlsplit(url).username if url else None
+    except ValueError:
+        user = None  # MqttSettings.from_url says what is wrong with the URL
     return {
+        "mqtt.username": unquote(user) if user else None,
         "mqtt.url": getattr(args, "mqtt", None),
         "web.session": getattr(args, "session", None),
         "web.port": getattr(args, "port", None),
         "web.host": getattr(args, "host", None),
+        "mqtt.password_env": getattr(args, "password_env", None),
+        "mqtt.password_file": getattr(args, "password_file", None),
+        "mqtt.tls_ca": getattr(args, "ca_file", None),
     }
 
 
