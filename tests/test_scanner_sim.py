@@ -301,21 +301,20 @@ def test_every_format_stores_the_same_voxels(rehearsal, tmp_path: Path) -> None:
 def test_writer_keeps_tr_pace_renames_into_place_and_stops(tmp_path: Path, session) -> None:
     r = sim.prepare(session, sim.SimSettings(volumes=40, tr=1.0))
     seen: list[sim.WrittenVolume] = []
-    writer = sim.ScannerSim(tmp_path, r, speed=10.0, delay_s=0.0, on_volume=seen.append)
+    writer = sim.ScannerSim(tmp_path, r, speed=4.0, delay_s=0.05, on_volume=seen.append)
     writer.start()
-    deadline = time.monotonic() + 10
-    while len(seen) < 4 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while len(seen) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     writer.stop()
     assert not writer.running
     count = len(writer.written)
-    assert 4 <= count < 40  # stopped early
+    assert 3 <= count < 40  # stopped early
+    # volume n is due at origin + (n * TR + delay) / speed, and never lands before
+    assert writer.written[0].due_at == pytest.approx(writer.origin + 0.2625)
+    np.testing.assert_allclose(np.diff([d.due_at for d in writer.written]), 0.25)
     for done in writer.written:
         assert done.written_at >= done.due_at - 1e-3
-    # volume n lands at origin + n * TR / speed
-    assert writer.written[0].due_at == pytest.approx(writer.origin + 0.1)
-    gaps = np.diff([d.written_at for d in writer.written])
-    assert np.all(gaps > 0.06)  # not faster than TR / speed
     assert writer.session_origin() == writer.origin  # no dummies: session starts with file 1
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [f"series001_vol_{i:05d}.nii" for i in range(1, count + 1)]  # no .part left
@@ -415,3 +414,16 @@ def test_cli_writes_a_rehearsal(tmp_path: Path) -> None:
     )
     assert again.returncode == 2
     assert "already holds 5 file(s)" in again.stderr and "--force" in again.stderr
+
+
+def test_ge_slices_land_one_by_one_over_the_tr(tmp_path: Path, session) -> None:
+    r = sim.prepare(session, sim.SimSettings(fmt="dicom-slices", volumes=3, tr=1.0))
+    writer = sim.ScannerSim(tmp_path, r, speed=4.0, delay_s=0.0).start()
+    assert writer.join(30)
+    assert len(writer.written) == 3
+    last = writer.written[-1]
+    landed = sorted(p.stat().st_mtime for p in last.paths)
+    # 36 slices over one TR (0.25 s at speed 4): not all at once, and the volume ends when due
+    assert landed[-1] - landed[0] > 0.1
+    assert last.written_at >= last.due_at - 1e-3
+    assert not list(tmp_path.glob(".*.part"))

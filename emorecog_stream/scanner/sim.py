@@ -47,7 +47,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -914,22 +914,23 @@ def encode_volume(
     rehearsal: Rehearsal, info: VolumeInfo, data: np.ndarray
 ) -> list[tuple[str, bytes]]:
     """The file(s) of one volume as ``(name, bytes)``, in write order."""
+    return list(iter_volume_files(rehearsal, info, data))
+
+
+def iter_volume_files(
+    rehearsal: Rehearsal, info: VolumeInfo, data: np.ndarray
+) -> Iterator[tuple[str, bytes]]:
+    """Like :func:`encode_volume`, encoding each file only when it is asked for (so a writer
+    can encode the next slice while it waits for that slice's time)."""
     fmt = rehearsal.settings.fmt
     names = rehearsal.file_names(info)
     if fmt in ("nifti", "nifti-gz"):
-        return [
-            (
-                names[0],
-                nifti_bytes(
-                    data,
-                    rehearsal.affine,
-                    rehearsal.tr,
-                    info.series,
-                    info.index,
-                    gz=fmt == "nifti-gz",
-                ),
-            )
-        ]
+        gz = fmt == "nifti-gz"
+        yield (
+            names[0],
+            nifti_bytes(data, rehearsal.affine, rehearsal.tr, info.series, info.index, gz=gz),
+        )
+        return
     seed = rehearsal.settings.seed
     ctx = _DicomContext(
         study_uid=_uid(seed, 0),
@@ -940,17 +941,13 @@ def encode_volume(
         tr=rehearsal.tr,
     )
     if fmt == "dicom":
-        ds = mosaic_dataset(
-            data, rehearsal.affine, ctx, info.index, _uid(seed, info.series, info.index)
-        )
-        return [(names[0], _dicom_bytes(ds))]
-    files = []
+        uid = _uid(seed, info.series, info.index)
+        yield names[0], _dicom_bytes(mosaic_dataset(data, rehearsal.affine, ctx, info.index, uid))
+        return
     for name, k in zip(names, slice_acquisition_order(data.shape[2]), strict=True):
-        ds = slice_dataset(
-            data, rehearsal.affine, ctx, info.index, k, _uid(seed, info.series, info.index, k + 1)
-        )
-        files.append((name, _dicom_bytes(ds)))
-    return files
+        uid = _uid(seed, info.series, info.index, k + 1)
+        ds = slice_dataset(data, rehearsal.affine, ctx, info.index, k, uid)
+        yield name, _dicom_bytes(ds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -999,9 +996,12 @@ class ScannerSim:
 
     ``clock`` is the time base for ``start_at`` and the reported times (pass
     ``pylsl.local_clock`` to share the LSL clock with a replay of the session's physiology).
-    File ``n`` of series ``s`` lands at ``origin + (offset_s + n + 1) * TR / speed + delay_s /
-    speed``, with ``offset_s`` the volumes and gaps of the series before it. ``fast`` writes as
-    fast as the volumes are made.
+    Volume ``index`` (1-based) of series ``s`` is complete at ``origin + (offset_s + index *
+    TR + delay_s) / speed``, ``offset_s`` being the duration of the series before it (their
+    volumes plus ``series_gap_s`` each); GE-style slices land one by one over the TR before
+    that. ``fast`` writes as fast as the volumes are made. Volumes are made one at a time
+    just before they are due: on a busy machine a large grid can fall behind (the lateness
+    is ``written_at - due_at``).
     """
 
     def __init__(
@@ -1084,29 +1084,29 @@ class ScannerSim:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        tr = self.rehearsal.tr / self.speed
         try:
             for info in self.rehearsal.plan():
                 if self._stop.is_set():
                     return
                 data = self.rehearsal.volume(info.series, info.index)
-                files = encode_volume(self.rehearsal, info, data)
-                due = self.due_time(info) if not self.fast else self.clock()
-                if not self.fast:
-                    # slices of one volume land over its reconstruction, the last one on time
-                    lead = 0.0 if len(files) == 1 else min(0.2, self.rehearsal.tr / 4) / self.speed
-                    if self._stop.wait(max(0.0, due - lead - self.clock())):
-                        return
+                n_files = len(self.rehearsal.file_names(info))
+                due = self.clock() if self.fast else self.due_time(info)
                 paths = []
-                for i, (name, payload) in enumerate(files):
+                for j, (name, payload) in enumerate(iter_volume_files(self.rehearsal, info, data)):
+                    if not self.fast:
+                        # one file lands when it is due; slices land one by one over the TR
+                        # (GE reconstructs each as it is acquired), the last one when due
+                        slot = due - (n_files - 1 - j) * tr / n_files
+                        if self._stop.wait(max(0.0, slot - self.clock())):
+                            return
                     path = self.out_dir / name
                     if self.slow_write:
-                        piece_s = 0.0 if self.fast else min(0.2, self.rehearsal.tr / 5)
-                        write_slowly(path, payload, piece_s / self.speed, stop=self._stop)
+                        seconds = 0.0 if self.fast else min(0.2, tr / 5) / n_files
+                        write_slowly(path, payload, seconds, stop=self._stop)
                     else:
                         write_atomic(path, payload)
                     paths.append(path)
-                    if len(files) > 1 and not self.fast and i + 1 < len(files):
-                        self._stop.wait(lead / len(files))
                 record = WrittenVolume(info=info, paths=paths, written_at=self.clock(), due_at=due)
                 self.written.append(record)
                 if self.on_volume is not None:
