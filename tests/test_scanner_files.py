@@ -401,6 +401,47 @@ def test_reading_a_file_twice_gives_its_volume_once(tmp_path):
     assert len(reader.read(str(path))) == 1
 
 
+def _real_file_bytes(kind: str, tmp_path: Path) -> tuple[str, bytes]:
+    if kind == "mosaic":
+        return "001_000012_000001.dcm", gzip.decompress(
+            (NICOM_DATA / "siemens_dwi_0.dcm.gz").read_bytes()
+        )
+    if kind == "slice":
+        return "i1.MRDC.1.dcm", Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    if kind == "nii.gz":
+        return "example4d.nii.gz", EXAMPLE4D.read_bytes()
+    img = nib.load(FUNCTIONAL)
+    return "vol_00001.nii", nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine).to_bytes()
+
+
+@pytest.mark.parametrize("kind", ["mosaic", "slice", "nii.gz", "nii"])
+def test_every_prefix_of_a_real_file_is_incomplete_never_broken(tmp_path, kind):
+    """What a reader sees of a file still being written: any prefix of it. All of them must be
+    retried (IncompleteFile), none reported broken."""
+    name, raw = _real_file_bytes(kind, tmp_path)
+    rng = np.random.default_rng(7)
+    cuts = sorted({0, 1, 131, 132, *range(0, min(len(raw) - 200, 1200), 23),
+                   *rng.integers(1, len(raw) - 200, 25).tolist()})
+    path = tmp_path / name
+    for cut in cuts:
+        path.write_bytes(raw[:cut])
+        with pytest.raises(IncompleteFile):
+            (read_dicom if name.endswith(".dcm") else read_nifti)(str(path))
+    path.write_bytes(raw)
+    assert (read_dicom if name.endswith(".dcm") else read_nifti)(str(path))
+
+
+def test_corrupt_files_are_broken_not_incomplete(tmp_path):
+    rng = np.random.default_rng(3)
+    for name in ("vol_00001.dcm", "vol_00001.nii", "vol_00001.nii.gz"):
+        path = tmp_path / name
+        path.write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+        with pytest.raises(VolumeReadError) as info:
+            (read_dicom if name.endswith(".dcm") else read_nifti)(str(path))
+        assert not isinstance(info.value, IncompleteFile), name
+        assert name in str(info.value)
+
+
 # ------------------------------------------------------------------------------- classify
 
 

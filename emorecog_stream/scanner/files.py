@@ -25,7 +25,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import struct
 import warnings
 import zlib
 from collections.abc import Iterable
@@ -196,14 +195,30 @@ def _nifti_tr(header, path: str) -> tuple[float | None, tuple[ReadWarning, ...]]
     return None, ()
 
 
+def _gzip_stream_ends_early(path: str) -> bool:
+    """True when a gzip file stops before its end-of-stream marker (still being written)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except EOFError:
+        return True
+    except (OSError, zlib.error):  # corrupt, not short
+        return False
+    return False
+
+
 def _nifti_failure(path: str, exc: Exception, size: int) -> VolumeReadError:
-    text = str(exc)
-    truncated = (
-        isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile))
-        or "not enough data" in text.lower()
-        or "could the file be damaged" in text
-        or ("Cannot work out file type" in text and size < _NIFTI1_HEADER_BYTES + 4)
-    )
+    text = str(exc) or type(exc).__name__
+    if path.lower().endswith(".gz"):
+        # Under 18 bytes not even gzip's header and trailer are there.
+        truncated = size < 18 or _gzip_stream_ends_early(path)
+    else:
+        truncated = (
+            size < _NIFTI1_HEADER_BYTES + 4
+            or "not enough data" in text.lower()
+            or "could the file be damaged" in text
+        )
     cls = IncompleteFile if truncated else VolumeReadError
     return cls(path, f"NIfTI not readable ({type(exc).__name__}: {text.splitlines()[0]})")
 
@@ -347,15 +362,39 @@ class DicomSlice:
     source: str
 
 
-def _dicom_failure(path: str, exc: Exception, size: int) -> VolumeReadError:
+def _pixel_data_short(ds) -> bool:
+    """True when the parsed dataset has not reached the end of its pixel data yet.
+
+    A DICOM file being written is a prefix of the final file and pixel data comes last, so a
+    prefix parses (pydicom reads leniently) into a dataset without PixelData, or with less of
+    it than Rows x Columns x frames x samples x bytes say (uncompressed syntaxes).
+    """
+    pixels = ds.get("PixelData") if ds is not None else None
+    if pixels is None:
+        return True
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or getattr(syntax, "is_compressed", False):
+        return syntax is None
+    try:
+        expected = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
+            * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return len(pixels) < expected
+
+
+def _dicom_failure(path: str, exc: Exception, size: int, ds) -> VolumeReadError:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    truncated = (
-        isinstance(exc, (EOFError, struct.error))
-        or "less than expected" in text
-        or "doesn't match the expected length" in text
-        or "Cannot find data in DICOM" in text
-        or (size < _DICOM_MAGIC_OFFSET + 4 and "DICM" in text)
-    )
+    if ds is None:
+        # pydicom gave up: a prefix too short for the preamble, or cut inside an element. A
+        # file of 132+ bytes without the DICM marker is not DICOM at all.
+        not_dicom = size >= _DICOM_MAGIC_OFFSET + 4 and "DICM" in text
+        truncated = not not_dicom
+    else:
+        truncated = _pixel_data_short(ds)
     cls = IncompleteFile if truncated else VolumeReadError
     return cls(path, f"DICOM not readable ({type(exc).__name__}: {text})")
 
@@ -370,6 +409,7 @@ def read_dicom(path: str) -> list[Volume] | DicomSlice:
 
     dicomwrappers = _dicomwrappers()
     size = 0
+    ds = None
     try:
         size = os.path.getsize(path)
         with warnings.catch_warnings():
@@ -381,7 +421,7 @@ def read_dicom(path: str) -> list[Volume] | DicomSlice:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise _dicom_failure(path, exc, size) from exc
+        raise _dicom_failure(path, exc, size, ds) from exc
     name = os.path.basename(path)
     series = _dicom_series(ds)
     tr = _dicom_tr(ds)
