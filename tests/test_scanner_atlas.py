@@ -112,17 +112,24 @@ def test_label_table_errors_name_the_line(tmp_path):
 
 def test_trigger_pulse_n_is_volume_n_of_its_run():
     clock = TriggerClock(tr=2.0, recon_delay=0.3)
-    clock.add_pulses([100.0 + 2 * i for i in range(10)])  # run 1
+    clock.add_pulses([100.0 + 2 * i for i in range(10)])  # run 1: pulses at 100, 102, ...
     clock.add_pulses([200.0 + 2 * i for i in range(5)])  # run 2, after a long pause
-    first = clock.volume_time(segment=1, index=3, arrived=103.0)
-    assert (first.timestamp, first.source) == (106.0, "trigger")
-    second = clock.volume_time(segment=2, index=0, arrived=202.4)
+    # files numbered from 1; the bridge starts at volume 3, whose file lands TR + 0.3 s after
+    # pulse 2 (at 104): the segment's offset is fixed from that
+    first = clock.volume_time(segment=1, index=3, arrived=104.0 + 2.0 + 0.3)
+    assert (first.timestamp, first.source) == (104.0, "trigger")
+    # later volumes take the pulse their number says, even when their file comes late
+    assert clock.volume_time(segment=1, index=10, arrived=205.0).timestamp == 118.0
+    second = clock.volume_time(segment=2, index=0, arrived=202.35)  # numbered from 0
     assert (second.timestamp, second.source) == (200.0, "trigger")
-    # the segment keeps its run even when later volumes arrive after the next run began
-    assert clock.volume_time(segment=1, index=9, arrived=205.0).timestamp == 118.0
+    assert clock.volume_time(segment=2, index=4, arrived=210.3).timestamp == 208.0
     missing = clock.volume_time(segment=2, index=7, arrived=216.5)
     assert missing.source == "arrival" and missing.timestamp == pytest.approx(216.2)
-    assert "no trigger pulse 8" in missing.note
+    assert "no trigger pulse for volume 7" in missing.note
+    # a reconstruction slower than the TR still finds the right pulse when it is declared
+    slow = TriggerClock(tr=0.8, recon_delay=1.1)
+    slow.add_pulses([10.0 + 0.8 * i for i in range(20)])
+    assert slow.volume_time(segment=1, index=0, arrived=10.0 + 0.8 + 1.1).timestamp == 10.0
 
 
 def test_without_pulses_the_arrival_minus_delay_is_used():

@@ -81,6 +81,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--volumes", type=int, metavar="N", help="stop after N published volumes"
     )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="rehearsal only: the files come X times faster than real time (scanner-sim"
+        " --speed X); announced in the stream's rate so that `run --replay-speed X` follows",
+    )
     parser.add_argument("--quiet", action="store_true", help="no line per volume")
 
 
@@ -88,7 +96,7 @@ def settings_from(args: argparse.Namespace) -> object:
     from emorecog_stream.cli import UsageError
     from emorecog_stream.scanner.bridge import BridgeSettings
 
-    for name in ("tr", "poll", "fd_threshold"):
+    for name in ("tr", "poll", "fd_threshold", "speed"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
@@ -110,6 +118,7 @@ def settings_from(args: argparse.Namespace) -> object:
         trigger=args.trigger,
         slices_per_volume=args.slices,
         tag=args.tag,
+        speed=args.speed,
     )
 
 

@@ -62,6 +62,7 @@ class BridgeSettings:
     trigger_timeout: float = 10.0
     slices_per_volume: int | None = None
     tag: str = ""  # appended to stream names and source ids
+    speed: float = 1.0  # a rehearsal written X times faster than real time (scanner-sim --speed)
     settle: float = 0.25
     incomplete_timeout: float = 10.0
 
@@ -103,8 +104,14 @@ def read_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
     return volumes[0].data, volumes[0].affine
 
 
-def outlet_descriptions(atlas: Atlas, tr: float, tag: str) -> dict[Role, object]:
-    """The two outlets the engine reads: ``fMRI`` (ROI means) and ``Motion`` (7 channels)."""
+def outlet_descriptions(
+    atlas: Atlas, tr: float, tag: str, speed: float = 1.0
+) -> dict[Role, object]:
+    """The two outlets the engine reads: ``fMRI`` (ROI means) and ``Motion`` (7 channels).
+
+    ``speed`` > 1 is a sped-up rehearsal: the nominal rate is ``speed / tr``, as ``replay
+    --speed`` announces its streams, so ``run --replay-speed`` stretches the clock back.
+    """
     from emorecog_stream.adapters.lsl_info import (
         OutletDescription,
         default_labels,
@@ -125,10 +132,10 @@ def outlet_descriptions(atlas: Atlas, tr: float, tag: str) -> dict[Role, object]
             type=type_,
             source_id=f"{source_id}-scanner-{host}",
             channel_count=n,
-            nominal_srate=1.0 / tr,
+            nominal_srate=speed / tr,
             channel_labels=tuple(labels),
             units=default_units(role, n),
-            tr=tr,
+            tr=tr / speed,
             atlas=ATLAS if role is Role.FMRI and atlas.n_labels == 246 else "",
             extra={"source": "emorecog-stream scanner", "atlas_file": Path(atlas.source).name},
         )
@@ -178,7 +185,8 @@ class ScannerBridge:
     def _open_outlets(self, tr: float) -> None:
         import pylsl
 
-        for role, description in outlet_descriptions(self.atlas, tr, self.settings.tag).items():
+        descriptions = outlet_descriptions(self.atlas, tr, self.settings.tag, self.settings.speed)
+        for role, description in descriptions.items():
             self._outlets[role] = pylsl.StreamOutlet(description.stream_info())  # type: ignore[attr-defined]
         self.say(
             f"LSL: streams {self._outlets[Role.FMRI].get_info().name()} (fMRI,"  # type: ignore[attr-defined]
@@ -283,7 +291,9 @@ class ScannerBridge:
                 f" {self.tr:g} s ({'--tr' if self.settings.tr else 'the first series'})"
             )
         if self.clock is None:
-            self.clock = TriggerClock(self.tr, recon_delay=self.settings.recon_delay)
+            self.clock = TriggerClock(
+                self.tr / self.settings.speed, recon_delay=self.settings.recon_delay
+            )
             self.clock.add_pulses(self._early_pulses)
 
     async def _handle(self, arrived: object) -> None:

@@ -7,7 +7,11 @@ the file arrived, which is the end of the acquisition plus the reconstruction an
 it as ``recon_delay``.
 
 Runs of pulses are told apart by silence: a pause longer than ``run_gap_trs`` TRs ends a run.
-A volume is matched with the most recent run of pulses that began before its file arrived.
+The first volume a segment shows is matched by time: its file arrives one TR (the acquisition)
+plus the reconstruction delay after its pulse, so its pulse is the last one before
+``arrival - recon_delay - TR / 2``. That fixes the segment's offset between file numbers and
+pulse numbers (exports count from 0 or 1, and the bridge may start in the middle of a run);
+every later volume of the segment takes the pulse its number says, however late its file.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class TriggerClock:
         self.recon_delay = float(recon_delay)
         self._pulses: list[float] = []
         self._run_starts: list[int] = []  # index into _pulses where each run begins
-        self._segment_run: dict[int, int] = {}  # bridge segment -> run number
+        # bridge segment -> (pulse index minus volume number, run number)
+        self._segment_anchor: dict[int, tuple[int, int]] = {}
 
     @property
     def pulses(self) -> int:
@@ -52,22 +57,28 @@ class TriggerClock:
             self._pulses.append(float(t))
 
     def volume_time(self, segment: int, index: int, arrived: float) -> VolumeTime:
-        """The timestamp of volume ``index`` (0-based) of bridge segment ``segment``."""
+        """The timestamp of the volume numbered ``index`` in bridge segment ``segment``."""
         fallback = arrived - self.recon_delay
-        run = self._segment_run.get(segment)
-        if run is None:
-            # the latest run that began before this segment's first file arrived
-            starts = [self._pulses[i] for i in self._run_starts]
-            run = bisect.bisect_right(starts, arrived) - 1
-            if run < 0:
-                return VolumeTime(fallback, "arrival", "no trigger pulse before this run")
-            self._segment_run[segment] = run
-        begin = self._run_starts[run]
-        end = self._run_starts[run + 1] if run + 1 < len(self._run_starts) else len(self._pulses)
-        if index < 0 or begin + index >= end:
+        anchor = self._segment_anchor.get(segment)
+        if anchor is None:
+            at = bisect.bisect_right(self._pulses, arrived - self.recon_delay - self.tr / 2) - 1
+            if at < 0:
+                return VolumeTime(fallback, "arrival", "no trigger pulse before this volume")
+            anchor = (at - index, self._run_of(at))
+            self._segment_anchor[segment] = anchor
+        offset, run = anchor
+        pulse = index + offset
+        end = (
+            self._run_starts[run + 1] if run + 1 < len(self._run_starts) else len(self._pulses)
+        )
+        if not self._run_starts[run] <= pulse < end:
             return VolumeTime(
                 fallback,
                 "arrival",
-                f"no trigger pulse {index + 1} in this run (it has {end - begin} so far)",
+                f"no trigger pulse for volume {index} in this run (it has"
+                f" {end - self._run_starts[run]} pulses so far)",
             )
-        return VolumeTime(self._pulses[begin + index], "trigger")
+        return VolumeTime(self._pulses[pulse], "trigger")
+
+    def _run_of(self, pulse: int) -> int:
+        return bisect.bisect_right(self._run_starts, pulse) - 1
