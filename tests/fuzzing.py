@@ -54,6 +54,15 @@ INPUT_NAMES = (
 """File names the harness writes inputs as; an error message must name the file (or its path)."""
 
 
+class Blob(bytes):
+    """Input bytes whose repr is short: hypothesis prints a failing example with it."""
+
+    def __repr__(self) -> str:
+        import hashlib
+
+        return f"Blob(<{len(self)} bytes, sha256 {hashlib.sha256(self).hexdigest()[:12]}>)"
+
+
 class InvariantError(AssertionError):
     """A reader returned, but what it returned breaks a documented promise."""
 
@@ -596,7 +605,7 @@ def worker_main(target_name: str) -> None:
     target = get_target(target_name)
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{target_name}-") as tmp:
         work = Path(tmp)
-        for _, seed in target.seeds()[:3]:  # warm up imports and lazy thread pools
+        for _, seed in target.seeds()[:1]:  # warm up imports and lazy thread pools
             run_input(target, seed, work, limit_memory=False)
         out.write(json.dumps({"ready": True}) + "\n")
         for line in sys.stdin:

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from emorecog_stream.recordings.icbhi import IcbhiError, read_mat_folder, read_participant_dir
 from tests.fuzz_seeds import _mat_v73, mat_seeds, npz_seeds
-from tests.fuzzing import FUZZ_FIXTURES, Worker, failures_of, mutants, report
+from tests.fuzzing import FUZZ_FIXTURES, Blob, Worker, failures_of, mutants, report
 
 FUZZ = settings(
-    max_examples=60,
+    max_examples=30,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -72,12 +72,12 @@ def mat_files(draw) -> bytes:
             for k, v in values.items()
             if isinstance(v, np.ndarray) and v.dtype.kind in "fiu" and v.size
         }
-        return _mat_v73(numeric or {"other": np.ones(2)})
+        return Blob(_mat_v73(numeric or {"other": np.ones(2)}))
     raw = io.BytesIO()
     import scipy.io
 
     scipy.io.savemat(raw, values, do_compression=draw(st.booleans()))
-    return raw.getvalue()
+    return Blob(raw.getvalue())
 
 
 @FUZZ
@@ -103,7 +103,7 @@ def npz_files(draw) -> bytes:
     method = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
     with zipfile.ZipFile(raw, "w", method) as archive:
         archive.writestr(draw(st.sampled_from(["data.npy", "data.npy", "other.npy"])), npy)
-    return raw.getvalue()
+    return Blob(raw.getvalue())
 
 
 @FUZZ
@@ -119,13 +119,13 @@ def test_generated_npz_files(npz_worker, data: bytes) -> None:
 def test_mutated_mat_files(mat_worker) -> None:
     seeds = [data for _, data in mat_seeds()]
     assert [mat_worker.run(s).status for s in seeds] == ["ok"] * 3
-    found = failures_of(mat_worker, mutants(seeds, 250, seed=2024))
+    found = failures_of(mat_worker, mutants(seeds, 150, seed=2024))
     assert not found, report(found)
 
 
 def test_mutated_npz_files(npz_worker) -> None:
     seeds = [data for _, data in npz_seeds()]
-    found = failures_of(npz_worker, mutants(seeds, 80, seed=2024))
+    found = failures_of(npz_worker, mutants(seeds, 50, seed=2024))
     assert not found, report(found)
 
 

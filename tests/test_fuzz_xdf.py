@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from emorecog_stream.recordings import load_sessions
 from emorecog_stream.recordings.xdf import XdfError, read_xdf_session, read_xdf_streams
 from tests.fuzz_seeds import xdf_seeds
-from tests.fuzzing import FUZZ_FIXTURES, Worker, failures_of, mutants, pack_chunk, report
+from tests.fuzzing import FUZZ_FIXTURES, Blob, Worker, failures_of, mutants, pack_chunk, report
 
 CI_MUTANTS = 120
 
@@ -98,7 +98,7 @@ def xdf_files(draw) -> bytes:
         chunks.append(pack_chunk(tag, content, width=width, length=lie))
     data = b"XDF:" + b"".join(chunks)
     cut = draw(st.one_of(st.none(), st.integers(4, max(4, len(data)))))
-    return data if cut is None else data[:cut]
+    return Blob(data if cut is None else data[:cut])
 
 
 @settings(

@@ -67,7 +67,7 @@ def _describe_file(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
+        except (zipfile.BadZipFile, OSError, ValueError):  # ValueError: a name not UTF-8
             return f"a damaged or cut-off zip archive ({size:,} bytes)"
         if names and all(n.endswith(".npy") for n in names):
             return f"a NumPy .npz archive of arrays {[n[:-4] for n in names[:5]]}"

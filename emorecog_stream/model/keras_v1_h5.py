@@ -118,6 +118,28 @@ def _weight_kind(name: str, index: int, count: int) -> str:
     return order[index]
 
 
+_DEFLATE_MAX_RATIO = 1032
+"""zlib cannot expand data by more than this (HDF5's gzip filter included)."""
+
+
+def _weight_array(dataset: Any, name: str) -> np.ndarray:
+    """A weight as float32, after checking that the file stores what the dataset declares.
+
+    HDF5 allocates dataset space lazily, so a dataset can declare terabytes while storing
+    nothing; h5py would allocate the declared size on read.
+    """
+    if not hasattr(dataset, "id") or not hasattr(dataset, "dtype"):
+        raise KerasV1Error(f"weight {name!r} is a {type(dataset).__name__}, not a dataset")
+    declared = int(np.prod(dataset.shape, dtype=object) or 0) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    if declared > max(stored, 64) * _DEFLATE_MAX_RATIO:
+        raise KerasV1Error(
+            f"weight {name!r} declares shape {dataset.shape} ({declared:,} bytes) but the file"
+            f" stores {stored:,} bytes of it"
+        )
+    return np.asarray(dataset[()], dtype=np.float32)
+
+
 def _read_legacy_layer(group: Any) -> dict[str, np.ndarray]:
     """Weights of one layer group in the Keras 2 layout, looked up by the names it lists."""
     names = _text_list(group.attrs.get("weight_names"))
@@ -125,7 +147,7 @@ def _read_legacy_layer(group: Any) -> dict[str, np.ndarray]:
     for i, name in enumerate(names):
         if name not in group:
             raise KerasV1Error(f"weight {name!r} is listed but missing")
-        out[_weight_kind(name, i, len(names))] = np.asarray(group[name][()], dtype=np.float32)
+        out[_weight_kind(name, i, len(names))] = _weight_array(group[name], name)
     return out
 
 
@@ -137,7 +159,7 @@ def _read_new_layer(group: Any) -> dict[str, np.ndarray]:
     vars_group = holder["vars"]
     keys = sorted(vars_group.keys(), key=int)
     return {
-        _weight_kind(k, i, len(keys)): np.asarray(vars_group[k][()], dtype=np.float32)
+        _weight_kind(k, i, len(keys)): _weight_array(vars_group[k], k)
         for i, k in enumerate(keys)
     }
 
@@ -686,7 +708,16 @@ def read_keras_v1_file(path: str | Path) -> KerasV1File:
         if str(exc).startswith(str(path)):
             raise
         raise KerasV1Error(f"{path}: {exc}") from None
-    except (KeyError, ValueError, TypeError, IndexError, OSError, zipfile.BadZipFile) as exc:
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        RuntimeError,  # h5py: e.g. "Unable to synchronously check link existence (bad heap ...)"
+        OSError,
+        zipfile.BadZipFile,
+    ) as exc:
         raise KerasV1Error(f"{path}: malformed Keras file ({type(exc).__name__}: {exc})") from None
 
 
