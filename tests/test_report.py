@@ -433,7 +433,7 @@ def test_owner_only_whatever_was_there_and_stricter_umask_wins(tmp_path: Path) -
         os.umask(old)
     assert mode_of(out) == 0o400
     assert {mode_of(p) for p in (tmp_path / "png").iterdir()} == {0o400}
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_gaps_resets_and_framewise_displacement(tmp_path: Path) -> None:

@@ -13,11 +13,9 @@ names) is written through :func:`html.escape`: the log is written from messages 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import math
 import os
-import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -402,21 +400,14 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path``, readable and writable by its owner only (0600, or less where
     the umask says so), replacing any earlier file in one step.
 
-    Why a new file and a rename: a report or figure holds personal health data, so it must never
-    exist, even for a moment, with wider permissions (``open()`` then ``chmod`` would leave a
-    window, and rewriting an existing file would keep *its* mode). The temporary file is created
-    with ``os.open(..., O_EXCL, 0o600)`` in the target folder, then renamed over the target.
+    Why a new file and a rename (:func:`emorecog_stream.private_files.replace_private`): a report
+    or figure holds personal health data, so it must never exist, even for a moment, with wider
+    permissions (``open()`` then ``chmod`` would leave a window, and rewriting an existing file
+    would keep *its* mode); a failed write leaves the target as it was.
     """
+    from emorecog_stream.private_files import replace_private
+
     target = Path(path)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    # the kernel applies the umask to 0o600: a stricter umask gives a stricter file
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replace_private(target) as f:
+        f.write(data)
     return target
