@@ -351,10 +351,14 @@ def test_simulate_library_call_with_dummies_and_two_series(tmp_path: Path, sessi
         (2, 2),
         (2, 3),
     ]
-    names = sorted(p.name for p in tmp_path.glob("*.dcm"))
+    assert result.export_dir == tmp_path / "export"
+    # the export folder holds nothing but volumes; atlas and truth are beside it
+    names = sorted(p.name for p in result.export_dir.iterdir())
     assert names == [f"001_{s:06d}_{i:06d}.dcm" for s in (1, 2) for i in (1, 2, 3)]
     assert np.load(tmp_path / "truth" / "roi.npy").shape == (2, N_ROIS)
     assert result.description["dummies"] == 1
+    assert json.loads((tmp_path / "session.json").read_text())["export_dir"] == "export"
+    assert (tmp_path / "atlas.nii.gz").is_file()
     assert result.writer.session_origin(1) == pytest.approx(result.writer.origin + r_tr(result))
 
 
@@ -390,7 +394,7 @@ def test_cli_writes_a_rehearsal(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr
-    volumes = sorted(p.name for p in out.glob("*.nii"))
+    volumes = sorted(p.name for p in (out / "export").iterdir())
     assert volumes == [f"series001_vol_{i:05d}.nii" for i in range(1, 6)]
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if line.startswith("series 1 volume")]) == 5
@@ -405,6 +409,10 @@ def test_cli_writes_a_rehearsal(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     meta = json.loads((out / "session.json").read_text())
     assert meta["volumes_per_series"] == 5 and meta["format"] == "nifti"
+    # it says how to bridge the rehearsal
+    assert f"emorecog-stream scanner {out / 'export'} --atlas {out / 'atlas.nii.gz'}" in (
+        proc.stderr
+    )
     # a second run into the same folder would mix runs: refused, with the reason
     again = subprocess.run(
         [_console(), "scanner-sim", str(out), "--fast", "--volumes", "5"],

@@ -19,7 +19,13 @@ _MOTIONS = ("none", "default", "strong")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the export folder to fill")
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        type=Path,
+        help="the rehearsal folder: volumes go to OUT_DIR/export (the folder to watch), the atlas,"
+        " its label table, session.json and truth/ beside it",
+    )
     parser.add_argument(
         "--format",
         choices=_FORMATS,
@@ -106,15 +112,17 @@ def main(args: argparse.Namespace) -> int:
     from emorecog_stream.scanner import sim
 
     out_dir: Path = args.out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and not args.force:
-        present = [p.name for p in out_dir.iterdir() if p.name not in _OWN_NAMES]
+    export = out_dir / sim.EXPORT_DIR
+    for folder in (out_dir, export):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} exists and is not a folder")
+    if export.is_dir() and not args.force:
+        present = [p.name for p in export.iterdir()]
         if present:
             shown = ", ".join(sorted(present)[:3]) + (" ..." if len(present) > 3 else "")
             raise UsageError(
-                f"{out_dir} already holds {len(present)} file(s) ({shown}); a bridge watching it"
-                " would mix runs. Give an empty folder or pass --force"
+                f"{export} already holds {len(present)} file(s) ({shown}); a bridge watching it"
+                " would mix runs. Give another OUT_DIR or pass --force"
             )
     if not args.speed > 0:
         raise UsageError(f"--speed: expected a number > 0, got {args.speed}")
@@ -142,13 +150,18 @@ def main(args: argparse.Namespace) -> int:
         rehearsal = sim.prepare(session, settings, source)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    description = rehearsal.write_truth(out_dir)
+    try:
+        description = rehearsal.write_truth(out_dir)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out_dir}: {exc}") from None
     pace = "as fast as possible" if args.fast else f"one every {rehearsal.tr / args.speed:g} s"
     print(
         f"scanner-sim: {description['series']} series x {description['volumes_per_series']}"
         f" volumes ({args.format}, {'x'.join(map(str, shape))} at {voxel:g} mm, TR"
         f" {rehearsal.tr:g} s) into {out_dir}, {pace}; session {session.participant} from"
-        f" {source}; atlas {out_dir / 'atlas.nii.gz'}, truth in {out_dir / 'truth'}",
+        f" {source}; truth in {out_dir / 'truth'}. Bridge it with:\n  emorecog-stream scanner"
+        f" {export} --atlas {out_dir / 'atlas.nii.gz'} --labels {out_dir / 'atlas_labels.txt'}"
+        + (f" --speed {args.speed:g}" if args.speed != 1 else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -171,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
         )
 
     writer = sim.ScannerSim(
-        out_dir,
+        export,
         rehearsal,
         speed=args.speed,
         fast=args.fast,
@@ -196,10 +209,6 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-_OWN_NAMES = {"atlas.nii.gz", "atlas_labels.txt", "session.json", "truth"}
-"""What the simulator itself writes besides volumes: a rerun may replace these."""
 
 
 def _session(path: str | None):  # -> tuple[Session, str]

@@ -79,6 +79,10 @@ GRIDS: dict[str, tuple[tuple[int, int, int], float]] = {
 INTENSITY_STEP = 0.01
 """Quantum of stored voxel values (DICOM RescaleSlope): 1e-4 of the tissue mean, far below noise."""
 
+EXPORT_DIR = "export"
+"""Sub-folder of a rehearsal that holds the volumes (atlas and truth stay beside it, so a
+bridge watching the export folder sees only what a scanner would write)."""
+
 FD_THRESHOLD_MM = 0.5
 """Power et al. (2012); the crossings are listed in ``session.json``."""
 
@@ -510,8 +514,13 @@ class Rehearsal:
     def file_names(self, info: VolumeInfo) -> list[str]:
         return file_names(self.settings.fmt, info.series, info.index, self.shape[2])
 
-    def write_truth(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write ``atlas.nii.gz``, ``atlas_labels.txt``, ``session.json`` and ``truth/``."""
+    def write_truth(
+        self, out_dir: str | Path, export_dir: str | Path = EXPORT_DIR
+    ) -> dict[str, Any]:
+        """Write ``atlas.nii.gz``, ``atlas_labels.txt``, ``session.json`` and ``truth/``.
+
+        ``export_dir`` (relative to ``out_dir``, or absolute) is only recorded in
+        ``session.json``: where the volumes go."""
         import nibabel as nib
 
         out = Path(out_dir)
@@ -538,6 +547,7 @@ class Rehearsal:
             lines.append(f"{r.series}\t{r.index}\t{int(r.dummy)}\t{sv}\t{values}\t{r.fd:.10g}")
         (out / "truth" / "motion.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         meta = self.description(rows)
+        meta["export_dir"] = str(export_dir)
         (out / "session.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return meta
 
@@ -550,6 +560,7 @@ class Rehearsal:
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,
             "format": s.fmt,
+            "export_dir": EXPORT_DIR,
             "file_pattern": FILE_PATTERNS[s.fmt],
             "tr_s": self.tr,
             "shape": list(self.shape),
@@ -1123,6 +1134,7 @@ class SimResult:
     description: dict[str, Any]
     written: list[WrittenVolume]
     writer: ScannerSim
+    export_dir: Path
 
 
 def simulate(
@@ -1130,6 +1142,7 @@ def simulate(
     session: Session | None = None,
     *,
     settings: SimSettings | None = None,
+    export_dir: str | Path | None = None,
     speed: float = 1.0,
     fast: bool = False,
     delay_s: float = 0.2,
@@ -1139,15 +1152,18 @@ def simulate(
     on_volume: Callable[[WrittenVolume], None] | None = None,
     wait: bool = True,
 ) -> SimResult:
-    """Plan a rehearsal, write its truth and atlas, and write its volumes.
+    """Plan a rehearsal, write its atlas and truth into ``out_dir`` and its volumes into
+    ``export_dir`` (default ``out_dir/export``: the folder a bridge watches, which holds
+    nothing but volumes, as a scanner's export folder).
 
     With ``wait=False`` it returns as soon as the writer thread runs: stop it with
     ``result.writer.stop()``; ``result.written`` fills as volumes land.
     """
     rehearsal = prepare(session, settings)
-    description = rehearsal.write_truth(out_dir)
+    export = Path(out_dir) / EXPORT_DIR if export_dir is None else Path(export_dir)
+    description = rehearsal.write_truth(out_dir, os.path.relpath(export, out_dir))
     writer = ScannerSim(
-        out_dir,
+        export,
         rehearsal,
         speed=speed,
         fast=fast,
@@ -1165,5 +1181,9 @@ def simulate(
             writer.stop()
             raise
     return SimResult(
-        rehearsal=rehearsal, description=description, written=writer.written, writer=writer
+        rehearsal=rehearsal,
+        description=description,
+        written=writer.written,
+        writer=writer,
+        export_dir=export,
     )
