@@ -382,6 +382,12 @@ def write_log(
     return path
 
 
+def _payload(p: Prediction) -> dict[str, Any]:
+    from emorecog_stream.sinks.payload import prediction_payload
+
+    return prediction_payload(p)
+
+
 def report_of(log: Path, tmp_path: Path, *extra: str) -> str:
     out = tmp_path / f"{log.stem}.html"
     rc, _stdout, stderr = run_cli(str(log), "-o", str(out), *extra)
@@ -563,6 +569,28 @@ def test_damaged_middle_line_and_a_log_without_predictions(tmp_path: Path) -> No
     page = report_of(empty, tmp_path)
     assert "The log holds no prediction" in page and "<img " not in page
     assert_self_contained(page)
+
+
+def test_a_log_created_again_mid_run_says_so(tmp_path: Path) -> None:
+    """What the writer does when the file is deleted under the engine: the new file starts
+    with a ``log_reopened`` line, no ``session_start``."""
+    log = tmp_path / "again.jsonl"
+    reopened = {
+        "kind": "log_reopened",
+        "utc": "2026-01-01T00:00:20.000Z",
+        "session": "S01",
+        "reason": "the log file was deleted",
+        "predictions_before": 20,
+    }
+    predictions = [
+        {"kind": "prediction", **_payload(_prediction(i, 120.0 + i))} for i in range(20, 30)
+    ]
+    lines = [reopened, *predictions]
+    log.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    page = report_of(log, tmp_path)
+    assert "<h1>Session report: S01</h1>" in page
+    assert "created again at 2026-01-01T00:00:20.000Z, after 20 prediction(s)" in page
+    assert "unknown kind" not in page and page.count("<img ") == 4
 
 
 def test_odd_values_in_records_do_not_break_the_report(tmp_path: Path) -> None:

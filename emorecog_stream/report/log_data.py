@@ -61,6 +61,7 @@ class LogRun:
     markers: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None  # a ``summary`` record, where the engine wrote one
+    reopened: list[dict[str, Any]] = field(default_factory=list)  # ``log_reopened`` records
     other_kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -86,6 +87,8 @@ def _add(run: LogRun, rec: dict[str, Any]) -> None:
         run.end = rec
     elif kind == "summary":
         run.summary = rec
+    elif kind == "log_reopened":  # the file was deleted under the engine and created again
+        run.reopened.append(rec)
     else:
         run.other_kinds[str(kind)] = run.other_kinds.get(str(kind), 0) + 1
 
@@ -432,6 +435,14 @@ def session_view(
             "No session_end record: the run did not close its log (it crashed, was killed, or"
             " is still running)."
         )
+    for rec in r.reopened:
+        before = rec.get("predictions_before")
+        notes.append(
+            "The log file was deleted or replaced while the engine ran and was created again"
+            f" at {_text(rec.get('utc')) or 'an unknown time'}"
+            + (f", after {before} prediction(s)" if isinstance(before, int) else "")
+            + ": the lines written before that are not in this file."
+        )
     for kind, count in sorted(r.other_kinds.items()):
         notes.append(f"{count} record(s) of unknown kind {kind!r} not shown.")
     meta = start.get("meta") if isinstance(start.get("meta"), dict) else {}
@@ -588,7 +599,11 @@ def session_view(
         path=log.path,
         run_number=number,
         n_runs=n_runs,
-        session=_text(start.get("session") or (preds[0].get("session") if preds else "")),
+        session=_text(
+            start.get("session")
+            or (r.reopened[0].get("session") if r.reopened else "")
+            or (preds[0].get("session") if preds else "")
+        ),
         model_id=_text(start.get("model_id") or (preds[0].get("model_id") if preds else "")),
         software=_text(start.get("software")),
         start_utc=_text(start.get("utc")),
