@@ -212,13 +212,14 @@ async def test_per_slice_dicom_arriving_out_of_order(tmp_path):
     assert got[1].path.endswith(paths[(1, 2)].name)
 
 
-async def test_growing_4d_run_in_event_mode(tmp_path):
+@pytest.mark.parametrize("poll", [POLL, None], ids=["poll", "events"])
+async def test_growing_4d_run(tmp_path, poll):
     raw = FUNCTIONAL.read_bytes()
     img = nib.load(FUNCTIONAL)
     offset = int(img.dataobj.offset)
     per_volume = 17 * 21 * 3 * 2
     target = tmp_path / "run.nii"
-    async with VolumeWatcher(tmp_path) as watcher:
+    async with VolumeWatcher(tmp_path, poll=poll) as watcher:
         stream = watcher.volumes()
         got = []
         with open(target, "wb") as f:

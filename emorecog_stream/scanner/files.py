@@ -574,6 +574,7 @@ class VolumeReader:
         """What the first volume's file is numbered in per-volume NIfTI names (see read_nifti)."""
         self._given: dict[str, int] = {}
         self._done: set[str] = set()
+        self._growing: set[str] = set()
 
     def read(self, path: str, kind: FileKind | None = None) -> list[Volume]:
         """The volumes this file completes (possibly none: a slice, or no new 4-D volume yet).
@@ -588,7 +589,9 @@ class VolumeReader:
         if kind.kind == "nifti":
             volumes, growing = _read_nifti(path, self._given.get(key, 0), self.name_number_base)
             self._given[key] = self._given.get(key, 0) + len(volumes)
-            if not growing:
+            if growing:
+                self._growing.add(key)
+            else:
                 self._done.add(key)
             return volumes
         if kind.kind == "dicom":
@@ -599,10 +602,9 @@ class VolumeReader:
             return result
         raise VolumeReadError(path, f"not an image: {kind.reason}")
 
-    def is_growing(self, path: str) -> bool:
-        """True for a 4-D NIfTI that may still receive volumes (worth looking at again)."""
-        key = os.path.abspath(path)
-        return key in self._given and key not in self._done
+    def growing(self) -> frozenset[str]:
+        """Absolute paths of 4-D NIfTI files that may still receive volumes (look again)."""
+        return frozenset(self._growing)
 
     def skip(self, path: str) -> None:
         """Treat what the file holds now as already handed out (files present at start).
@@ -620,6 +622,7 @@ class VolumeReader:
                     volume_bytes = int(np.prod(shape[:3])) * img.get_data_dtype().itemsize
                     held = (os.path.getsize(path) - int(img.dataobj.offset)) // volume_bytes
                     self._given[key] = int(min(shape[3], max(0, held)))
+                    self._growing.add(key)
                     return
             except Exception:  # unreadable now: it will be judged if it changes
                 return
@@ -630,3 +633,4 @@ class VolumeReader:
         for path in paths:
             self._given.pop(os.path.abspath(path), None)
             self._done.discard(os.path.abspath(path))
+            self._growing.discard(os.path.abspath(path))

@@ -373,7 +373,7 @@ class VolumeWatcher:
     def _poll_targets(self) -> set[str]:
         """Files whose size/mtime matter: being written, growing 4-D, broken, too short."""
         targets = set(self._files) | set(self._broken)
-        targets.update(p for p in self._known if self.reader.is_growing(p))
+        targets.update(self.reader.growing())
         targets.update(p for p, (_, kind) in self._ignored.items() if _may_grow(kind))
         for gone in set(self._poll_stats) - targets:
             del self._poll_stats[gone]
