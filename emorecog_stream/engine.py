@@ -190,6 +190,8 @@ class Engine:
         self.counters = EngineCounters()
         self.status = EngineStatus("starting", "waiting for the fMRI stream")
         self._input_errors: dict[Role, str] = {}
+        self._output_problems: dict[str, str] = {}  # e.g. the session log cannot be written
+        self.start_note = ""  # said in the `starting` status, e.g. a restart after a crash
         self._sequence = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -249,6 +251,28 @@ class Engine:
                 # the buffer were taken at the first one, which stays in use
                 log.warning("%s: %s", label_of(role), exc)
             self._set_waiting()
+
+    def continue_from(self, sequence: int, note: str = "") -> None:
+        """Number the next prediction ``sequence`` (a restart on an earlier run's log: a
+        subscriber de-duplicating on ``sequence`` must never see a number reused for another
+        volume); ``note`` goes into the ``starting`` status (e.g. "restarted after an unclean
+        stop"). Call before :meth:`run`."""
+        if sequence < 0:
+            raise ValueError(f"sequence must be >= 0, got {sequence}")
+        self._sequence = int(sequence)
+        self.start_note = note
+        if self.status.state == "starting" and note:
+            self.status = replace(self.status, reason=f"{note}; {self.status.reason}")
+
+    def set_output_problem(self, name: str, reason: str | None) -> None:
+        """An output that cannot do its job (the session log cannot be written): the status
+        says so (``degraded``, ``reason`` appended) until it is cleared with ``None``.
+        Predictions go on: the problem is in the record, not in the data."""
+        if reason:
+            self._output_problems[name] = reason
+        else:
+            self._output_problems.pop(name, None)
+        self._update_status()
 
     def stream_absent(self, role: Role, reason: str) -> None:
         """A configured stream is not available (not found at start, or lost for good).
@@ -551,10 +575,13 @@ class Engine:
     def _update_status(self) -> None:
         now = self.now()
         status = self.status_tracker.status(now, self.session.tr)
-        if self._input_errors and status.state in ("online", "degraded"):
-            errors = "; ".join(self._input_errors.values())
+        problems = [*self._input_errors.values(), *self._output_problems.values()]
+        if problems and status.state in ("online", "degraded"):
+            errors = "; ".join(problems)
             reason = f"{status.reason}; {errors}" if status.reason else errors
             status = EngineStatus("degraded", reason, status.missing, status.stalled)
+        elif status.state == "starting" and self.start_note:
+            status = replace(status, reason=f"{self.start_note}; {status.reason}")
         if status != self.status:
             if status.stalled != self.status.stalled:
                 # do not wait for streams that are not delivering

@@ -105,7 +105,7 @@ class MarkerLog:
         parsed = parse_marker(text)
         if parsed is not None:
             fields["marker"] = parsed
-        self.log.write_record("marker", fields)
+        self.log.record("marker", fields)  # counted, not raised, when it cannot be written
 
     def on_prediction(self, prediction: Prediction, step: AlignedStep) -> None:
         pass
@@ -147,4 +147,4 @@ class RunSummaryLog:
             value = get()
             if is_dataclass(value) and not isinstance(value, type):
                 fields[key] = asdict(value)
-        self.log.write_record("summary", fields)
+        self.log.record("summary", fields)  # counted, not raised, when it cannot be written

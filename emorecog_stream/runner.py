@@ -165,14 +165,23 @@ async def run_engine(
             hooks.on_broker(url)
 
         log = None
+        resume = None
         if config.output.log:
+            # a restart on the same session and log (after a crash) numbers on from the log
+            resume = _resume_point(config.output.log, session)
+            meta: dict[str, Any] = {"broker": settings.url, "time_scale": time_scale}
+            if resume is not None:
+                meta["continues"] = {
+                    "last_sequence": resume.last_sequence,
+                    "previous_run": "clean stop" if resume.clean else "unclean stop",
+                }
             try:
                 log = JsonlLog(
                     config.output.log,
                     session=session,
                     model_id=str(model.model_id),
                     # time_scale: a replay's speed, so `report` can give session seconds
-                    meta={"broker": settings.url, "time_scale": time_scale},
+                    meta=meta,
                 )
             except JsonlLogError as exc:
                 raise RunError(str(exc)) from None
@@ -191,12 +200,15 @@ async def run_engine(
             raise RunError(str(exc)) from None
         stack.push_async_callback(group.close)
 
+        note = _restart_note(resume)
         publisher = MqttPublisher(
             settings,
             session,
             model_id=str(model.model_id),
             initial_state="starting",
-            initial_reason="waiting for the fMRI stream",
+            initial_reason=f"{note}; waiting for the fMRI stream"
+            if note
+            else "waiting for the fMRI stream",
         )
         await publisher.start()
         outputs: list[Output] = [MqttOutput(publisher)]
@@ -227,10 +239,17 @@ async def run_engine(
         else:
             from emorecog_stream.sinks.dashboard import LogLinePrinter
 
-            outputs.append(LogLinePrinter(out, mqtt_state=lambda: publisher.stats.state))
+            outputs.append(LogLinePrinter(out, mqtt_state=lambda: _mqtt_state(publisher.stats)))
 
         engine = Engine(config, model, outputs, time_scale=time_scale, broker_url=settings.url)
         engine_box.append(engine)
+        if resume is not None and resume.last_sequence is not None:
+            engine.continue_from(resume.last_sequence + 1, note)
+            say(f"{note}: predictions continue at sequence {resume.last_sequence + 1}")
+        if log is not None:
+            log.on_error = lambda text: engine.set_output_problem(
+                "log", f"session log not written: {text}" if text else None
+            )
         for role, meta in metas.items():
             engine.register_stream(role, meta.name, meta.nominal_srate)
         # physiology is optional: give it a moment to connect so the first steps wait for it
@@ -256,7 +275,7 @@ async def run_engine(
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await engine.aclose()
-        say(("\n" if dashboard_output is not None else "") + _summary(engine, publisher))
+        say(("\n" if dashboard_output is not None else "") + _summary(engine, publisher, log))
         return counters
 
 
@@ -303,7 +322,36 @@ def _describe_stream(config: Config, role: Role) -> str:
     return " ".join(parts)
 
 
-def _summary(engine: Engine, publisher: Any) -> str:
+def _resume_point(path: str, session: str) -> Any:
+    from emorecog_stream.sinks.jsonl import resume_point
+
+    try:
+        return resume_point(path, session)
+    except OSError:
+        return None  # unreadable: opening it for appending will say why
+
+
+def _restart_note(resume: Any) -> str:
+    """What the status says about an earlier run of this session in the same log."""
+    if resume is None or resume.last_sequence is None:
+        return ""
+    how = "a clean stop" if resume.clean else "an unclean stop"
+    return f"restarted after {how} (the log ended at sequence {resume.last_sequence})"
+
+
+def _mqtt_state(stats: Any) -> str:
+    """The broker connection for the headless line: the state, and the backlog when there is
+    one (more than the in-flight window, or anything while not connected), with the dropped
+    count, so an outage shows on every line while it lasts."""
+    text = stats.state
+    waiting = stats.queued - stats.inflight
+    if stats.queued and (stats.state != "connected" or waiting > 0):
+        text += f" (queued {stats.queued}"
+        text += f", dropped {stats.dropped})" if stats.dropped else ")"
+    return text
+
+
+def _summary(engine: Engine, publisher: Any, log: Any = None) -> str:
     c = engine.counters
     s = publisher.stats
     lat = engine.telemetry.latency.summary()
@@ -314,4 +362,16 @@ def _summary(engine: Engine, publisher: Any) -> str:
         f" ({c.resets} state resets, {c.deadline_steps} on deadline,"
         f" {c.rejected_chunks} chunks rejected); latency p50 {p50} ms, p99 {p99} ms;"
         f" MQTT sent {s.sent}, unsent {s.unsent_at_close}, dropped {s.dropped}"
+        + _log_problems(log)
     )
+
+
+def _log_problems(log: Any) -> str:
+    if log is None or not (log.write_errors or log.reopened):
+        return ""
+    parts = []
+    if log.write_errors:
+        parts.append(f"{log.write_errors} line(s) not written ({log.last_error})")
+    if log.reopened:
+        parts.append(f"file deleted and created again {log.reopened} time(s)")
+    return "; session log: " + ", ".join(parts)

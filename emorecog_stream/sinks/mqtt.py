@@ -485,8 +485,12 @@ class MqttPublisher:
         )
         delivered = await self.flush(timeout)
         self._closing.set()
+        # connected: let the clean disconnect happen; not connected, the task may be inside a
+        # connect attempt (up to connect_timeout_s) that can no longer deliver anything, so a
+        # stop with the broker gone takes `timeout` plus about a second, not twice as long
+        grace = max(1.0, timeout) if self._state == "connected" else 1.0
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=max(1.0, timeout))
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=grace)
         except (asyncio.TimeoutError, Exception):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
