@@ -1,0 +1,534 @@
+"""The fault matrix: what a lab meets, against real processes.
+
+Every test runs ``emorecog-stream run`` as a subprocess, a real Mosquitto (the broker plugin,
+on a free port) and real LSL senders (a :class:`Replayer` on a thread of this process, or pylsl
+outlets pushing explicit timestamps), and checks what an independent paho subscriber and the
+engine's JSONL log hold afterwards. Faults: the broker frozen (SIGSTOP), restarted three times,
+refusing the engine's credentials; LSL senders restarting with other settings, clocks jumping,
+duplicated and overlapping chunks; the log's disk filling up or its file deleted; SIGTERM,
+Ctrl-C, and SIGKILL followed by a restart on the same session and log.
+
+Replays run sped up (``run --replay-speed``), so session seconds pass faster than wall seconds
+while windows, deadlines and stall timeouts keep their meaning.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emorecog_stream.adapters.lsl_info import stream_identity
+from emorecog_stream.adapters.replay import Replayer
+from emorecog_stream.sinks.jsonl import read_log
+from emorecog_stream.streams import Role
+from tests.plugins.lsl import make_session
+from tests.plugins.mqtt_broker import find_mosquitto
+
+pytestmark = [
+    pytest.mark.skipif(find_mosquitto() is None, reason="the fault matrix needs Mosquitto"),
+    pytest.mark.timeout(180),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+SPEED = 10.0  # replay speed of the senders: 10 session seconds per wall second
+ROLES = (Role.FMRI, Role.PPG, Role.RESP)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def engine_config(
+    path: Path, session_id: str, tag: str, *, mqtt: str = "", engine: str = ""
+) -> Path:
+    """A ``run`` config that finds this test's tagged streams (``mqtt``/``engine``: extra keys)."""
+    lines = [f'[session]\nid = "{session_id}"\n', "[output]\ndashboard = false\n"]
+    for role in ROLES:
+        name, _type, source_id = stream_identity(role, tag)
+        lines.append(f'[streams.{role.value}]\nname = "{name}"\nsource_id = "{source_id}"\n')
+    if mqtt:
+        lines.append(f"[mqtt]\n{mqtt}\n")
+    # under a loaded CI machine finding the streams can take a while
+    lines.append(f"[engine]\nresolve_timeout = 30.0\n{engine}\n")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class EngineProcess:
+    """``emorecog-stream run`` in its own process; its stdout and stderr collected by a thread
+    (a pipe: a file would fall under the file-size limit of the disk-full test)."""
+
+    def __init__(
+        self,
+        config: Path,
+        broker_url: str,
+        *,
+        log: Path | None = None,
+        speed: float = SPEED,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable, "-m", "emorecog_stream", "run", "--config", str(config),
+            "--mqtt", broker_url, "--no-dashboard", "--replay-speed", str(speed),
+        ]  # fmt: skip
+        if log is not None:
+            cmd += ["--log", str(log)]
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            preexec_fn=preexec_fn,
+        )
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> str:
+        """The first output line matching the regex ``pattern`` (fails the test after timeout)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
+                self._cond.wait(min(left, 0.2))
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> float:
+        """Send ``sig``, wait for the exit; returns the seconds it took."""
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=timeout)
+        self._reader.join(5.0)
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._reader.join(5.0)
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[..., EngineProcess]]:
+    made: list[EngineProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> EngineProcess:
+        engine = EngineProcess(*args, **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.kill()
+        print(f"--- engine output (exit {engine.proc.returncode}) ---\n{engine.output}")
+
+
+class Replays:
+    """Looping replays of a small session at ``SPEED``: :meth:`open` creates the outlets
+    (before the engine starts looking), :meth:`start` plays once the engine is connected."""
+
+    def __init__(self) -> None:
+        self.made: list[Replayer] = []
+
+    def open(self, tag: str, n_volumes: int = 60) -> Replayer:
+        replayer = Replayer(make_session(n_volumes), speed=SPEED, tag=tag, loop=True)
+        replayer.open()
+        self.made.append(replayer)
+        return replayer
+
+    def start(self, replayer: Replayer) -> Replayer:
+        assert replayer.wait_for_consumers([Role.FMRI], timeout=60.0), "engine never connected"
+        replayer.wait_for_consumers(list(ROLES), timeout=10.0)  # physiology is optional
+        replayer.start(delay=0.2)
+        return replayer
+
+
+@pytest.fixture
+def replays() -> Iterator[Replays]:
+    r = Replays()
+    yield r
+    for replayer in r.made:
+        replayer.stop()
+
+
+def predictions_logged(log: Path) -> list[dict[str, Any]]:
+    return [r for r in read_log(log) if r["kind"] == "prediction"]
+
+
+def first_receipts(sub: Any) -> list[int]:
+    """Sequence numbers in the order they first arrived (QoS 1 may repeat a message)."""
+    seen: set[int] = set()
+    order = []
+    for payload in sub.json("prediction"):
+        if payload["sequence"] not in seen:
+            seen.add(payload["sequence"])
+            order.append(payload["sequence"])
+    return order
+
+
+def assert_delivered_once_in_order(sub: Any, log: Path, timeout: float = 30.0) -> list[int]:
+    """Every logged prediction reached the subscriber, first receipts in order, and each
+    sequence number stands for one volume only."""
+    logged = predictions_logged(log)
+    want = [r["sequence"] for r in logged]
+    assert want == list(range(want[0], want[0] + len(want))), "log sequence has holes or repeats"
+    assert sub.wait_for(
+        lambda _: set(want) <= {p["sequence"] for p in sub.json("prediction")}, timeout
+    ), f"missing: {sorted(set(want) - {p['sequence'] for p in sub.json('prediction')})[:20]}"
+    order = first_receipts(sub)
+    assert order == sorted(order), "predictions arrived out of order"
+    by_seq: dict[int, float] = {}
+    for payload in sub.json("prediction"):  # a repeat is the same volume, never another one
+        ts = by_seq.setdefault(payload["sequence"], payload["volume_timestamp"])
+        assert ts == payload["volume_timestamp"]
+    return order
+
+
+def collector_for(mqtt_collector: Any, broker: Any, session_id: str, **options: Any) -> Any:
+    return mqtt_collector(
+        broker,
+        [f"emorecog/{session_id}/prediction", f"emorecog/{session_id}/status"],
+        clean_session=False,
+        client_id=f"faults-{uuid.uuid4().hex[:8]}",
+        **options,
+    )
+
+
+def new_ids() -> tuple[str, str]:
+    tag = "f" + uuid.uuid4().hex[:10]
+    return tag, f"faults-{tag}"
+
+
+def summary_of(engine: EngineProcess) -> str:
+    return engine.wait_for_line(r"^stopped: ", timeout=5.0)
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+@pytest.mark.slow
+def test_broker_frozen_30_s_then_resumed_delivers_everything_in_order(
+    mqtt_broker_factory: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    """SIGSTOP: the TCP connection stays open but nothing is acknowledged (a hung broker, not a
+    dead one). The publisher's in-flight window fills, the rest queues (bounded, counted and
+    shown on every line), the publish timeout tears the connection down with the reason in the
+    log, and after SIGCONT everything arrives, in order, none twice after de-duplication."""
+    broker = mqtt_broker_factory()
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, broker, session_id)
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(engine_config(tmp_path / "run.toml", session_id, tag), broker.url, log=log)
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 10, 30)
+    broker._proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(30.0)
+        during = engine.output
+    finally:
+        broker._proc.send_signal(signal.SIGCONT)
+    # the backlog is on the headless lines, and the log says why the connection went
+    assert re.search(r"mqtt \w+ \(queued \d+\)", during), during[-2000:]
+    assert "publish failed" in during or "lost" in during or "cannot reach" in during
+    n_before = len(predictions_logged(log))
+    assert sub.wait_for(lambda _: len(first_receipts(sub)) >= n_before, 60)
+    engine.stop(signal.SIGINT)
+    summary = summary_of(engine)
+    assert "unsent 0, dropped 0" in summary
+    assert_delivered_once_in_order(sub, log)
+
+
+@pytest.mark.slow
+def test_broker_restarted_three_times_in_a_row_loses_and_repeats_nothing(
+    mqtt_broker_factory: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    broker = mqtt_broker_factory(persistence=True)
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, broker, session_id)
+    broker.wait_persisted()  # the durable subscription survives each SIGKILL
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(engine_config(tmp_path / "run.toml", session_id, tag), broker.url, log=log)
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 10, 30)
+    for _ in range(3):
+        broker.stop()  # SIGKILL
+        time.sleep(1.5)
+        broker.start()
+        time.sleep(1.5)
+    engine.wait_for_line(r"mqtt disconnected \(queued \d+\)")
+    time.sleep(3.0)
+    engine.stop(signal.SIGINT)
+    summary = summary_of(engine)
+    assert "unsent 0, dropped 0" in summary
+    assert_delivered_once_in_order(sub, log)
+
+
+@pytest.mark.slow
+def test_broker_refusing_the_engines_credentials_after_a_restart(
+    mqtt_broker_factory: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    """The lab's broker comes back from a restart with the engine's password changed: the
+    engine is refused, says so (state `refused`, the broker's reason, the user), keeps every
+    prediction queued, and delivers them in order once the broker takes it again."""
+    broker = mqtt_broker_factory(username="engine", password="first-pw", persistence=True)
+    passwords = broker.workdir / "passwords"
+    passwd = "mosquitto_passwd"
+
+    def set_password(user: str, password: str) -> None:
+        subprocess.run([passwd, "-b", str(passwords), user, password], check=True, timeout=30)
+
+    set_password("watcher", "watch-pw")  # the subscriber's own account, unchanged throughout
+    broker.restart()
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, broker, session_id, username="watcher", password="watch-pw")
+    broker.wait_persisted()
+    secret = tmp_path / "engine.pw"
+    secret.write_text("first-pw\n")
+    config = engine_config(
+        tmp_path / "run.toml",
+        session_id,
+        tag,
+        mqtt=f'username = "engine"\npassword_file = "{secret}"',
+    )
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(config, broker.url, log=log)
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 10, 30)
+    set_password("engine", "changed-pw")
+    broker.restart()
+    refused = engine.wait_for_line(r"refused the connection", timeout=30)
+    assert "engine" in refused and "first-pw" not in engine.output
+    engine.wait_for_line(r"mqtt refused \(queued \d+\)")
+    time.sleep(2.0)
+    n_refused = len(predictions_logged(log))
+    set_password("engine", "first-pw")  # the lab puts the engine's password back
+    broker.restart()
+    assert sub.wait_for(lambda _: len(first_receipts(sub)) >= n_refused, 60)
+    engine.stop(signal.SIGINT)
+    assert "unsent 0, dropped 0" in summary_of(engine)
+    assert_delivered_once_in_order(sub, log)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("broker_up", [True, False], ids=["broker-up", "broker-down"])
+def test_sigterm_and_ctrl_c_flush_set_offline_and_close_the_log(
+    sig: int,
+    broker_up: bool,
+    mqtt_broker_factory: Any,
+    mqtt_collector: Any,
+    engines: Any,
+    replays: Any,
+    tmp_path: Path,
+) -> None:
+    """A stop signal: with the broker up, the queue is delivered, `offline` comes from the
+    engine (not its Last Will) and the log ends with session_end; with the broker gone, the
+    engine still exits within the flush timeout (10 s) plus teardown, counting what it could
+    not deliver, and still closes the log."""
+    broker = mqtt_broker_factory(persistence=True)
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, broker, session_id)
+    broker.wait_persisted()
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(engine_config(tmp_path / "run.toml", session_id, tag), broker.url, log=log)
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 5, 30)
+    if not broker_up:
+        broker.stop()
+        engine.wait_for_line(r"mqtt disconnected \(queued \d+\)")
+    took = engine.stop(sig)
+    assert engine.proc.returncode == 0, engine.output
+    summary = summary_of(engine)
+    records = read_log(log)
+    assert records[-1]["kind"] == "session_end"
+    assert records[-1]["predictions"] == len(predictions_logged(log))
+    statuses = [r for r in records if r["kind"] == "status"]
+    assert statuses[-1]["state"] == "offline" and statuses[-1]["reason"] == "engine stopped"
+    if broker_up:
+        assert took < 8.0, f"stop took {took:.1f} s"
+        assert "unsent 0" in summary
+        assert sub.wait_for(lambda m: any(x.json().get("state") == "offline" for x in m), 10)
+        offline = [s for s in sub.json("status") if s["state"] == "offline"]
+        assert offline[-1]["reason"] == "engine stopped"  # the engine's, not the Last Will's
+        assert_delivered_once_in_order(sub, log)
+    else:
+        # 10 s of flush timeout, about 1 s to give up on the connection, then the usual
+        # teardown (inlets, process exit: seconds on a loaded 2-core machine)
+        assert took < 20.0, f"stop took {took:.1f} s with the broker gone"
+        unsent = int(re.search(r"unsent (\d+)", summary).group(1))  # type: ignore[union-attr]
+        assert unsent > 0, summary
+
+
+# --------------------------------------------------------------------------- crash and restart
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_on_the_same_session_and_log_continues_the_sequence(
+    mqtt_broker_factory: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    """The engine dies (SIGKILL, mid-write: a torn last line is added to the log) and is
+    started again with the same --session and --log: numbering goes on after the last logged
+    prediction, the status says why, and no subscriber sees a number reused for another
+    volume."""
+    broker = mqtt_broker_factory(persistence=True)
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, broker, session_id)
+    broker.wait_persisted()
+    log = tmp_path / "session.jsonl"
+    config = engine_config(tmp_path / "run.toml", session_id, tag)
+    replayer = replays.open(tag)
+    first = engines(config, broker.url, log=log)
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 15, 30)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    last = predictions_logged(log)[-1]["sequence"]
+    with open(log, "ab") as f:
+        f.write(b'{"kind":"prediction","session":"' + session_id.encode() + b'","sequ')
+    # the broker publishes the Last Will: offline, connection lost
+    assert sub.wait_for(
+        lambda m: any("connection lost" in x.json().get("reason", "") for x in m), 30
+    )
+    second = engines(config, broker.url, log=log)
+    line = second.wait_for_line(r"restarted after an unclean stop", timeout=60)
+    assert f"continue at sequence {last + 1}" in line
+    assert sub.wait_for(lambda _: max(first_receipts(sub)) >= last + 10, 30)
+    second.stop(signal.SIGINT)
+    records = read_log(log)  # the torn line is skipped, everything else reads
+    starts = [r for r in records if r["kind"] == "session_start"]
+    assert len(starts) == 2
+    assert starts[1]["meta"]["continues"] == {"last_sequence": last, "previous_run": "unclean stop"}
+    seqs = [r["sequence"] for r in records if r["kind"] == "prediction"]
+    assert seqs == list(range(len(seqs))), "a sequence number was reused or skipped"
+    restarted = [
+        s for s in sub.json("status") if s["reason"].startswith("restarted after an unclean stop")
+    ]
+    assert restarted and restarted[0]["state"] == "starting"
+    assert_delivered_once_in_order(sub, log)
+
+
+# --------------------------------------------------------------------------- the session log
+
+
+def file_size_limit(n_bytes: int) -> Callable[[], None]:
+    """preexec_fn: files this process writes stop at ``n_bytes`` (``ulimit -f``); SIGXFSZ
+    ignored, so a write past it fails with EFBIG as on a full disk, instead of killing."""
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return apply
+
+
+@pytest.mark.slow
+def test_log_disk_full_mid_session_predictions_and_mqtt_go_on(
+    mqtt_broker: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, mqtt_broker, session_id)
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(
+        engine_config(tmp_path / "run.toml", session_id, tag),
+        mqtt_broker.url,
+        log=log,
+        preexec_fn=file_size_limit(20_000),  # room for a few dozen lines
+    )
+    replays.start(replayer)
+    engine.wait_for_line(r"cannot write to session log .*File too large", timeout=60)
+    n_at_failure = len(sub.unique_by_sequence())
+    assert sub.wait_for(lambda _: len(sub.unique_by_sequence()) >= n_at_failure + 30, 30)
+    engine.stop(signal.SIGINT)
+    summary = summary_of(engine)
+    assert re.search(r"session log: \d+ line\(s\) not written \(.*File too large", summary)
+    degraded = [s for s in sub.json("status") if s["state"] == "degraded"]
+    assert any("session log not written" in s["reason"] for s in degraded)
+    # predictions kept their numbering; what the log holds is the start of what was published
+    logged = [r["sequence"] for r in read_log(log) if r["kind"] == "prediction"]
+    published = [p["sequence"] for p in sub.unique_by_sequence()]
+    assert published == list(range(len(published))) and len(published) >= len(logged) + 20
+    assert logged == published[: len(logged)]
+    assert log.stat().st_size <= 20_000
+
+
+@pytest.mark.slow
+def test_log_deleted_mid_session_is_created_again_and_says_so(
+    mqtt_broker: Any, mqtt_collector: Any, engines: Any, replays: Any, tmp_path: Path
+) -> None:
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, mqtt_broker, session_id)
+    log = tmp_path / "session.jsonl"
+    replayer = replays.open(tag)
+    engine = engines(
+        engine_config(tmp_path / "run.toml", session_id, tag), mqtt_broker.url, log=log
+    )
+    replays.start(replayer)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 10, 30)
+    log.unlink()
+    engine.wait_for_line(r"was deleted or replaced: created it again", timeout=10)
+    time.sleep(1.0)
+    engine.stop(signal.SIGINT)
+    assert "file deleted and created again 1 time(s)" in summary_of(engine)
+    records = read_log(log)
+    assert records[0]["kind"] == "log_reopened" and records[-1]["kind"] == "session_end"
+    logged = [r["sequence"] for r in records if r["kind"] == "prediction"]
+    published = [p["sequence"] for p in sub.unique_by_sequence()]
+    assert logged and logged == published[-len(logged) :]  # everything since the deletion
+
+
+def test_unwritable_log_at_start_is_an_error_before_the_session_begins(
+    mqtt_broker: Any, engines: Any, tmp_path: Path
+) -> None:
+    tag, session_id = new_ids()
+    config = engine_config(tmp_path / "run.toml", session_id, tag)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be\n")
+    engine = engines(config, mqtt_broker.url, log=blocker / "session.jsonl")
+    assert engine.proc.wait(60) == 2
+    engine.kill()
+    assert "cannot open session log" in engine.output and "looking for" not in engine.output
+    # no room for even the first line (the file-size limit): the same, before anything starts
+    full = engines(
+        config, mqtt_broker.url, log=tmp_path / "s.jsonl", preexec_fn=file_size_limit(10)
+    )
+    assert full.proc.wait(60) == 2
+    full.kill()
+    assert "cannot write to session log" in full.output and "looking for" not in full.output
