@@ -364,7 +364,8 @@ class VolumeWatcher:
             self._known = current
             for path in self._poll_targets():
                 stat = _stat_key(path)
-                if stat != self._poll_stats.get(path, stat) and path not in wake:
+                # Unknown before (no stat kept): look, a harmless extra read at worst.
+                if stat != self._poll_stats.get(path) and path not in wake:
                     wake.append(path)
                 self._poll_stats[path] = stat
             for path in _arrival_order(wake):
@@ -492,6 +493,7 @@ class VolumeWatcher:
             return
         arrived = _local_clock()
         self._files.pop(path, None)
+        self._poll_stats[path] = stat  # what was read; a later change means new volumes
         for volume in volumes:
             self._deliver(volume, path, arrived)
 
