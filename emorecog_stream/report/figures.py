@@ -51,15 +51,32 @@ def _png(fig: object) -> bytes:
     return buf.getvalue()
 
 
+def _broken(view: SessionView, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(time, values)`` with a NaN row inserted at every time gap and model reset, so a line
+    is not drawn across a stretch with no volume."""
+    breaks = [
+        int(np.searchsorted(view.time, g.time))
+        for g in view.gaps
+        if g.kind in ("time gap", "model state reset")
+    ]
+    if not breaks:
+        return view.time, values
+    at = sorted(set(breaks))
+    gap_row = np.full((len(at), *values.shape[1:]), np.nan)
+    time = np.insert(view.time, at, np.nan)
+    return time, np.insert(values.astype(np.float64), at, gap_row, axis=0)
+
+
 def _shade_trials(ax: object, view: SessionView, *, labels: bool = False) -> None:
+    few = len(view.trials) <= 40  # beyond that, the number alone stays legible
     for trial in view.trials:
         colour = CATEGORY_COLOURS.get(trial.category or "", UNLABELLED_COLOUR)
         ax.axvspan(trial.onset, trial.offset, color=colour, alpha=0.15, lw=0)
         if labels:
             text = f"{trial.index}"
-            if trial.category is not None:
+            if few and trial.category is not None:
                 text += f"\n{trial.category[:3]}"
-            if trial.intensity is not None:
+            if few and trial.intensity is not None:
                 text += f"\n{trial.intensity:+g}"
             ax.text(
                 (trial.onset + trial.offset) / 2,
@@ -85,8 +102,9 @@ def timeline(view: SessionView) -> FigureImage:
 
     fig = Figure(figsize=(WIDTH_IN, 6.4), layout="constrained")
     ax_p, ax_i = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    time, probabilities = _broken(view, view.probabilities)
     for k, label in enumerate(CATEGORY_LABELS):
-        ax_p.plot(view.time, view.probabilities[:, k], color=CATEGORY_COLOURS[label], lw=1.2,
+        ax_p.plot(time, probabilities[:, k], color=CATEGORY_COLOURS[label], lw=1.2,
                   label=f"p({label})")  # fmt: skip
     _shade_trials(ax_p, view, labels=True)
     _mark_breaks(ax_p, view)
@@ -94,7 +112,8 @@ def timeline(view: SessionView) -> FigureImage:
     ax_p.set_ylabel("probability")
     ax_p.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8, frameon=False)
 
-    ax_i.plot(view.time, view.intensity, color="#0072B2", lw=1.2, label="predicted intensity")
+    ax_i.plot(*_broken(view, view.intensity), color="#0072B2", lw=1.2,
+              label="predicted intensity")  # fmt: skip
     _shade_trials(ax_i, view)
     _mark_breaks(ax_i, view)
     shown = False
@@ -141,7 +160,7 @@ def physiology(view: SessionView) -> FigureImage:
         series.append((fd, "framewise displacement (mm)", "#6B4C9A"))
     for ax, (values, label, colour) in zip(axes, series, strict=True):
         _shade_trials(ax, view)
-        ax.plot(view.time, values, color=colour, lw=1.2)
+        ax.plot(*_broken(view, values), color=colour, lw=1.2)
         missing = ~np.isfinite(values)
         if missing.any():  # where the rate was missing, a tick on the bottom edge
             ax.plot(view.time[missing], np.zeros(int(missing.sum())), "|", color="#999999",
