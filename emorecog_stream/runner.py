@@ -198,6 +198,12 @@ async def run_engine(
             metas = await group.open(timeout=config.engine.resolve_timeout)
         except LslAdapterError as exc:
             raise RunError(str(exc)) from None
+        except asyncio.TimeoutError:  # the resolver thread itself overran (a starved machine)
+            raise RunError(
+                f"no answer from the LSL resolver within {config.engine.resolve_timeout:g} s"
+                f" (+5 s grace) while looking for the fMRI stream"
+                f" ({_describe_stream(config, Role.FMRI)}); is the machine overloaded?"
+            ) from None
         stack.push_async_callback(group.close)
 
         note = _restart_note(resume)
