@@ -274,24 +274,30 @@ needs_chromium = pytest.mark.skipif(chromium_missing() is not None, reason=str(c
 pytestmark = [needs_chromium, pytest.mark.timeout(240)]
 
 
-@pytest.mark.parametrize("shape", ["bar", "circle"])
+@pytest.mark.parametrize(
+    ("shape", "target"), [("bar", "positive"), ("circle", "positive"), ("bar", "intensity")]
+)
 def test_feedback_shows_a_known_prediction_at_its_level(
-    shape: str, mqtt_broker: Any, tmp_path: Path
+    shape: str, target: str, mqtt_broker: Any, tmp_path: Path
 ) -> None:
+    """P(positive) = 0.75, or intensity +2 on -4..+4: the shape at 0.75 of its full size."""
     from emorecog_stream.sinks.mqtt import MqttSettings
     from tests.plugins.mqtt_broker import unique_session
 
     session = unique_session()
     with ServerThread(MqttSettings.from_url(mqtt_broker.url)) as web, chromium() as page:
-        page.get(web.url("/feedback", session=session, smooth="1", shape=shape))
+        page.get(web.url("/feedback", session=session, smooth="1", shape=shape, target=target))
         wait_js(page, "window.__emorecog && window.__emorecog.config")
         assert page.execute_script("return document.body.dataset.state") == "waiting"
-        web.publish(session, [prediction(session, 0, 0.75)])
+        known = prediction(session, 0, 0.75) if target == "positive" else (
+            prediction(session, 0, 0.1, intensity=2.0)
+        )
+        web.publish(session, [known])
         wait_js(page, "document.body.dataset.level === '0.7500'")
         assert page.execute_script("return document.body.dataset.state") == "live"
         time.sleep(1.8)  # the 0.8 s move (fallback TR 2 s x 0.8 = 1.5 s) has ended
         png = page.get_screenshot_as_png()
-        (tmp_path / f"feedback-{shape}.png").write_bytes(png)
+        (tmp_path / f"feedback-{shape}-{target}.png").write_bytes(png)
         not_blank(png, 3)
         width = page.execute_script("return window.innerWidth")
         if shape == "bar":
@@ -497,3 +503,44 @@ def test_many_sessions_one_row_each_click_into_one_fd_plot_only_when_carried(
         assert page.execute_script("return document.getElementById('plot-fd').hidden")
         png = page.get_screenshot_as_png()
         not_blank(png, 20)
+
+
+def test_demo_prints_both_urls_and_both_pages_work() -> None:
+    """The README's first contact: ``demo`` prints the two URLs; in a browser the feedback page
+    goes live and the experimenter page shows the demo session with its plots."""
+    import re
+    import subprocess
+    import sys
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "emorecog_stream", "demo", "--no-dashboard", "--speed", "10",
+         "--duration", "25", "--web-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        urls: dict[str, str] = {}
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            found = re.search(r"web: (experimenter|feedback) page\s+(\S+)", line)
+            if found:
+                urls[found.group(1)] = found.group(2)
+            if len(urls) == 2:
+                break
+        assert set(urls) == {"experimenter", "feedback"}, "".join(seen)
+        assert urls["feedback"] == urls["experimenter"].rstrip("/") + "/feedback"
+        threading.Thread(target=lambda: demo.stdout.read(), daemon=True).start()
+        with chromium() as feedback, chromium(1400, 1000) as experimenter:
+            feedback.get(urls["feedback"])
+            experimenter.get(urls["experimenter"])
+            wait_js(feedback, "document.body.dataset.state === 'live'", timeout=90)
+            wait_js(experimenter, "document.getElementById('d-session').textContent === 'demo'")
+            wait_js(experimenter, "document.getElementById('d-state').textContent === 'online'")
+            level = float(feedback.execute_script("return document.body.dataset.level"))
+            assert 0.0 <= level <= 1.0
+            not_blank(experimenter.get_screenshot_as_png(), 40)
+        assert demo.wait(timeout=90) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
