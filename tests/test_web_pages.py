@@ -544,3 +544,42 @@ def test_demo_prints_both_urls_and_both_pages_work() -> None:
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_a_page_opened_mid_session_has_the_current_state_at_once(mqtt_broker: Any) -> None:
+    from emorecog_stream.recordings.session import make_marker
+    from emorecog_stream.sinks.mqtt import MqttSettings
+    from tests.plugins.mqtt_broker import unique_session
+
+    session = unique_session()
+    with ServerThread(MqttSettings.from_url(mqtt_broker.url), history=50) as web:
+        pub = web.publisher(session)
+        web.publish(session, [prediction(session, i, 0.6, tr=0.5) for i in range(80)])
+        web.on_loop(lambda: pub.publish_marker(1010.0, make_marker("trial_start", 0, 1, 3)))
+        web.on_loop(lambda: pub.set_status("degraded", "PPG stream lost", {"missing": ["ppg"]}))
+        web.call(pub.flush(10))
+        assert web.wait(lambda s: s.state.sessions[session].status["state"] == "degraded")
+        with chromium(1400, 1000) as page:
+            page.get(web.url("/"))
+            wait_js(page, "document.getElementById('d-session').textContent !== ''")
+            # everything below came in the first (snapshot) event: nothing was published since
+            cells = page.execute_script(
+                "return [...document.querySelector('#sessions tbody tr').children]"
+                ".map(td => td.textContent)"
+            )
+            assert cells[:4] == [session, "degraded", "PPG stream lost", "79"]
+            health = page.execute_script(
+                "return [...document.querySelectorAll('#health dd')].map(d => d.textContent)"
+            )
+            assert "80" in health and "ppg" in health
+            markers = page.execute_script("return document.querySelectorAll('#markers li').length")
+            assert markers == 1
+            drawn = page.execute_script(
+                "const c = document.querySelector('#plot-probabilities canvas');"
+                "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n"
+            )
+            assert drawn > 2000  # lines, grid and the trial span of the last 50 predictions
+            page.get(web.url("/feedback", session=session, smooth="3"))
+            wait_js(page, "document.body.dataset.level === '0.6000'")
+            assert page.execute_script("return document.body.dataset.state") in ("live", "stale")
