@@ -125,10 +125,7 @@ def test_run_creates_its_log_owner_only_through_the_cli(tmp_path: Path, umask) -
     )
     log = tmp_path / "session.jsonl"
     argv = ["run", "--config", str(config), "--log", str(log), "--no-dashboard"]
-    # "stream not found" (2); a starved LSL resolver thread on a loaded machine can time out
-    # instead, which does not matter here: the log was created before the streams were sought
-    with contextlib.suppress(TimeoutError):
-        assert cli_main(argv) == 2
+    assert cli_main(argv) == 2  # the fMRI stream is not found, after the log was created
     assert log.is_file() and mode_of(log) == 0o600
 
 
