@@ -583,3 +583,19 @@ def test_a_page_opened_mid_session_has_the_current_state_at_once(mqtt_broker: An
             page.get(web.url("/feedback", session=session, smooth="3"))
             wait_js(page, "document.body.dataset.level === '0.6000'")
             assert page.execute_script("return document.body.dataset.state") in ("live", "stale")
+
+
+def test_pages_work_with_the_token_off_loopback_and_not_without(mqtt_broker: Any) -> None:
+    from emorecog_stream.sinks.mqtt import MqttSettings
+    from tests.plugins.mqtt_broker import unique_session
+
+    session = unique_session()
+    with ServerThread(MqttSettings.from_url(mqtt_broker.url), host="0.0.0.0") as web:
+        port, token = web.server.bound_port, web.server.token
+        with chromium() as page:
+            page.get(f"http://127.0.0.1:{port}/feedback?session={session}")
+            assert "needs ?token=" in page.find_element("tag name", "body").text
+            page.get(f"http://127.0.0.1:{port}/feedback?session={session}&token={token}")
+            wait_js(page, "window.__emorecog && window.__emorecog.config")  # scripts loaded
+            web.publish(session, [prediction(session, 0, 0.4)])
+            wait_js(page, "document.body.dataset.level === '0.4000'")  # events flow
