@@ -159,7 +159,10 @@ class MqttBridge:
                             payload = payload.encode()
                         elif not isinstance(payload, (bytes, bytearray)):
                             payload = b""
-                        self.on_message(str(message.topic), bytes(payload), time.time())
+                        try:
+                            self.on_message(str(message.topic), bytes(payload), time.time())
+                        except Exception:  # a bug here must not end the subscription
+                            log.exception("web: handling a message on %s failed", message.topic)
                 self._set_state("disconnected", f"connection to {self.settings.url} closed")
             except MqttConnectError as exc:
                 user = f" (user {self.settings.username!r})" if self.settings.username else ""

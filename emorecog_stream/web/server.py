@@ -248,7 +248,10 @@ class WebServer:
         try:
             update = self.state.accept(topic, raw, received)
         except MessageError as exc:
-            log.warning("web: ignoring a message: %s", exc)
+            if self.state.malformed == 1 or self.state.malformed % 100 == 0:
+                log.warning(
+                    "web: ignoring a message (%d so far): %s", self.state.malformed, exc
+                )
             return
         if update is not None:
             self._broadcast(update)
