@@ -146,3 +146,16 @@ def test_listen_wrong_password_is_refused_without_printing_it(
     assert proc.returncode == 2
     assert "refused the connection" in proc.stderr and "viewer" in proc.stderr
     assert "wrong-one-42" not in proc.stderr + proc.stdout
+
+
+def test_format_lines_show_the_framewise_displacement_when_known() -> None:
+    from emorecog_stream.commands.listen import format_physio
+    from emorecog_stream.sinks.payload import physio_payload
+
+    moved = sample_prediction("lab", 8, framewise_displacement=0.734, flags=("motion",))
+    line = format_prediction(prediction_payload(moved))
+    assert "FD 0.73 mm  latency" in line and "flags motion" in line
+    assert "FD 0.73 mm" in format_physio(physio_payload(moved))
+    still = sample_prediction("lab", 9)  # no Motion stream: the lines are as before
+    assert "FD" not in format_prediction(prediction_payload(still))
+    assert "FD" not in format_physio(physio_payload(still))

@@ -77,6 +77,7 @@ def format_prediction(p: dict[str, Any]) -> str:
         f"intensity {p['intensity']:+.2f}" + (f" (level {level:+d})" if level is not None else ""),
         f"HR {_fmt_rate(p['heart_rate'], p['heart_rate_valid'], 'bpm')}",
         f"RR {_fmt_rate(p['respiration_rate'], p['respiration_rate_valid'], '/min')}",
+        *_fd(p),
         f"latency {p['latency_ms']:.1f} ms",
     ]
     if p.get("flags"):
@@ -84,11 +85,18 @@ def format_prediction(p: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _fd(p: dict[str, Any]) -> list[str]:
+    """``FD 0.12 mm`` when the payload carries the volume's head motion (a Motion stream)."""
+    fd = p.get("framewise_displacement")
+    return [f"FD {fd:.2f} mm"] if isinstance(fd, (int, float)) else []
+
+
 def format_physio(p: dict[str, Any]) -> str:
     return (
         f"[{p['session']}] #{p['sequence']:<5d} TR {p['tr_index']:<4d} physio"
         f"  HR {_fmt_rate(p['heart_rate'], p['heart_rate_valid'], 'bpm')}"
         f"  RR {_fmt_rate(p['respiration_rate'], p['respiration_rate_valid'], '/min')}"
+        + "".join(f"  {part}" for part in _fd(p))
     )
 
 
