@@ -367,7 +367,6 @@ def write_log(
     n: int = 40,
     markers: list[tuple[float, str]] = (),
     predictions: list[Prediction] | None = None,
-    close: bool = True,
 ) -> Path:
     log = JsonlLog(path, session=session, model_id=model_id, meta={"broker": "mqtt://x:1"})
     log.write_status("online")
@@ -377,8 +376,7 @@ def write_log(
     for p in predictions if predictions is not None else [_prediction(i, 100.0 + i)
                                                            for i in range(n)]:  # fmt: skip
         log.write_prediction(p)
-    if close:
-        log.close()
+    log.close()
     return path
 
 
@@ -546,9 +544,11 @@ def test_missing_file_directory_and_bad_output(tmp_path: Path) -> None:
 
 
 def test_a_crashed_run_gives_a_report_with_notes(tmp_path: Path) -> None:
-    log = write_log(tmp_path / "crash.jsonl", n=30, close=False)
-    data = log.read_bytes()
-    log.write_bytes(data[:-40])  # the last prediction cut off mid-write
+    log = write_log(tmp_path / "crash.jsonl", n=30)
+    lines = log.read_bytes().split(b"\n")
+    assert json.loads(lines[-2])["kind"] == "session_end"
+    # as a killed engine leaves it: no session_end, the last prediction cut off mid-write
+    log.write_bytes(b"\n".join(lines[:-2])[:-40])
     page = report_of(log, tmp_path)
     assert "The last line of the file was cut off mid-write" in page
     assert "No session_end record" in page
