@@ -498,3 +498,39 @@ def test_run_with_a_motion_stream_of_six_channels_reports_it_and_goes_on(
     assert "expected 7 channels, found 6" in reason, reason
     assert reason.endswith("framewise displacement unknown")
     assert stream_identity(Role.MOTION, "")[0] in reason  # names the stream
+
+
+def test_dashboard_from_the_engine_shows_fd_and_the_motion_stream_state(model, session) -> None:
+    from rich.console import Console
+
+    from emorecog_stream.sinks.dashboard import render
+    from emorecog_stream.telemetry import StreamState
+
+    n = 30
+    params, fd = trajectory(session.n_volumes)
+    stamps = session.fmri.timestamps + 1000.0
+    fmri_only = [e for e in chunk_events(session) if e[0] is Role.FMRI][:n]
+    events = with_motion(fmri_only, stamps, motion_rows(params, fd), lost=set(range(20, n)))
+    clock = Clock(999.0)
+    engine, out = make_engine(
+        model, clock, "m7", **{"streams.ppg.enabled": False, "streams.resp.enabled": False}
+    )
+    engine.register_stream(Role.MOTION, "EmoRecog-Motion", 1.0)
+    feed(engine, clock, events[: 2 * 18])  # volumes 0..17, each with its motion sample
+    snap = engine.snapshot()
+    assert snap.framewise_displacement == pytest.approx(fd[17]) and snap.fd_threshold == 0.5
+    assert "motion" in snap.flags
+    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
+    console.print(render(snap))
+    text = console.export_text()
+    row = next(ln for ln in text.splitlines() if "Head FD" in ln)
+    assert "0.93 mm" in row and "> 0.5 mm" in row
+    assert "EmoRecog-Motion" in text  # the stream's own row
+    states, _ = engine.stream_states()
+    assert states["motion"] is StreamState.CONNECTED
+    feed(engine, clock, events[2 * 18 :])  # the bridge stops sending motion after volume 19
+    states, notes = engine.stream_states()
+    assert states["motion"] is StreamState.STALLED
+    assert notes["motion"] == "no motion sample for more than 2.5 TRs"
+    assert engine.snapshot().framewise_displacement is None
+    assert "motion_missing" in out.predictions[-1].flags
