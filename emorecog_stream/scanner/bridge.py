@@ -195,10 +195,6 @@ class ScannerBridge:
             f" 1/{tr:g} s"
         )
 
-    def _push(self, processed: ProcessedVolume, timestamp: float) -> None:
-        self._outlets[Role.MOTION].push_sample(processed.motion.tolist(), timestamp)  # type: ignore[attr-defined]
-        self._outlets[Role.FMRI].push_sample(processed.roi.tolist(), timestamp)  # type: ignore[attr-defined]
-
     # -- triggers --------------------------------------------------------------------------
 
     async def _open_trigger(self) -> None:
@@ -309,9 +305,20 @@ class ScannerBridge:
             self.say(f"[tr] {volume.source}: dropped; {exc}")
             return
         new = self.pipeline.is_new_series(volume.series)
+        stamps: dict[tuple[int, int], object] = {}
+
+        def push_motion(segment: int, index: int, motion: np.ndarray) -> None:
+            # called from the worker thread between registration and ROI means: the Motion
+            # sample leaves first, so the engine has it when the volume arrives
+            assert self.clock is not None
+            when = self.clock.volume_time(segment, index, arrived.arrived)  # type: ignore[attr-defined]
+            stamps[(segment, index)] = when
+            self._outlets[Role.MOTION].push_sample(motion.tolist(), when.timestamp)  # type: ignore[attr-defined]
+
         try:
             result = await asyncio.to_thread(
-                self.pipeline.process, volume.data, volume.affine, volume.series, volume.index
+                self.pipeline.process, volume.data, volume.affine, volume.series, volume.index,
+                push_motion,
             )
         except AtlasError as exc:
             self.counters.foreign_grid += 1
@@ -330,17 +337,17 @@ class ScannerBridge:
             self.counters.skipped += 1
             self.say(f"   volume {result.index}: {result.reason}")
             return
-        assert self.clock is not None
-        when = self.clock.volume_time(result.segment, result.index, arrived.arrived)  # type: ignore[attr-defined]
-        if self.settings.trigger and when.source != "trigger":
-            self.say(f"[trigger] volume {result.index}: {when.note}; using the arrival time")
-        self._push(result, when.timestamp)
+        when = stamps[(result.segment, result.index)]
+        if self.settings.trigger and when.source != "trigger":  # type: ignore[attr-defined]
+            self.say(f"[trigger] volume {result.index}: {when.note}; using the arrival time")  # type: ignore[attr-defined]
+        self._outlets[Role.FMRI].push_sample(result.roi.tolist(), when.timestamp)  # type: ignore[attr-defined]
         pushed = pylsl.local_clock()
         self.counters.published += 1
         if result.fd_exceeded:
             self.counters.above_threshold += 1
-        record = VolumeRecord(result, when.timestamp, when.source, arrived.arrived, pushed,  # type: ignore[attr-defined]
-                              arrived.path)  # type: ignore[attr-defined]
+        record = VolumeRecord(
+            result, when.timestamp, when.source, arrived.arrived, pushed, arrived.path  # type: ignore[attr-defined]
+        )
         self.counters.records.append(record)
         if len(self.counters.records) > 10_000:
             del self.counters.records[:5_000]

@@ -10,6 +10,7 @@ the user gives one; dummy volumes are dropped and said so, never published as br
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,9 +98,19 @@ class VolumePipeline:
         return self._segment is None or self._segment.series != series
 
     def process(
-        self, data: np.ndarray, affine: np.ndarray, series: str, index: int | None
+        self,
+        data: np.ndarray,
+        affine: np.ndarray,
+        series: str,
+        index: int | None,
+        on_motion: Callable[[int, int, np.ndarray], None] | None = None,
     ) -> ProcessedVolume | Skipped:
-        """Register one volume and take its ROI means (raises AtlasError on a foreign grid)."""
+        """Register one volume and take its ROI means (raises AtlasError on a foreign grid).
+
+        ``on_motion(segment, index, motion)`` is called as soon as the motion is known, before
+        the ROI means: the bridge pushes the ``Motion`` sample then, so that it reaches the
+        engine well before the volume's ``fMRI`` sample.
+        """
         if self.is_new_series(series):
             self.segments += 1
             self._segment = _Segment(series=series, number=self.segments)
@@ -120,11 +131,14 @@ class VolumePipeline:
         t0 = time.perf_counter()
         estimate: MotionEstimate = seg.registration.register(data)
         t1 = time.perf_counter()
-        roi = self._means.means(data, estimate.matrix)
-        t2 = time.perf_counter()
         motion = np.empty(7, dtype=np.float32)
         motion[:6] = estimate.params
         motion[6] = estimate.framewise_displacement
+        if on_motion is not None:
+            on_motion(seg.number, number, motion)
+        t_roi = time.perf_counter()
+        roi = self._means.means(data, estimate.matrix)
+        t2 = time.perf_counter()
         return ProcessedVolume(
             series=series,
             segment=seg.number,
@@ -133,6 +147,6 @@ class VolumePipeline:
             motion=motion,
             fd_exceeded=estimate.framewise_displacement > self.fd_threshold,
             registration_ms=(t1 - t0) * 1e3,
-            roi_ms=(t2 - t1) * 1e3,
+            roi_ms=(t2 - t_roi) * 1e3,
             rms_error=estimate.rms_error,
         )
