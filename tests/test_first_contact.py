@@ -68,6 +68,7 @@ def test_older_split_shapes_still_work(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_evaluate_scores_exactly_the_split_files_trials(tmp_path: Path, capsys) -> None:
     """``evaluate --split-file levelsplit.csv``: P03's test trials in the seed's file are scored."""
     split = read_split_file(SEED_SPLIT)
@@ -95,6 +96,7 @@ def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_what_it_found(tmp_path: Path) -> None:
     notes = tmp_path / "notes.pt"
     notes.write_text("subject P03 moved a lot in run 2\n")
@@ -115,6 +117,7 @@ def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_what_it_found(tmp_path
 # --------------------------------------------------------------------------- output in a pipe
 
 
+@pytest.mark.slow
 def test_demo_in_a_pipe_prints_a_line_per_tr() -> None:
     """``emorecog-stream demo | tee log``: stdout is a pipe, so no live dashboard."""
     proc = _cli("demo", "--duration", "8", "--speed", "4", "--no-web", timeout=180)
@@ -128,6 +131,7 @@ def test_demo_in_a_pipe_prints_a_line_per_tr() -> None:
     assert "Input streams" not in out  # no dashboard frame
 
 
+@pytest.mark.slow
 def test_demo_on_a_terminal_keeps_the_dashboard() -> None:
     """Control: on a (pseudo-)terminal the live dashboard is still what the user sees."""
     master, slave = pty.openpty()
