@@ -162,7 +162,7 @@ def config_seeds() -> list[tuple[str, bytes]]:
         "[streams.markers]\nenabled = true\n"
         "[engine]\ntr = 1.0\nmodel_thread = \"always\"\n"
         "[mqtt]\nurl = \"mqtt://lab@127.0.0.1:1884\"\nusername = \"lab\"\n"
-        "password_env = \"EMO_PW\"\nqueue_size = 5\nmessage_expiry = 10\n"
+        "queue_size = 5\nmessage_expiry = 10\n"
         "[output]\nlog = \"session.jsonl\"\ndashboard = false\n"
     )
     return [

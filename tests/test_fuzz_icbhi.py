@@ -31,9 +31,9 @@ def mat_worker():
 
 
 @pytest.fixture(scope="module")
-def npz_worker():
-    with Worker("icbhi_npz") as w:
-        yield w
+def npz_worker(mat_worker):
+    """The .mat worker serves the .npz target too (same imports)."""
+    return mat_worker
 
 
 # ------------------------------------------------------------------------- structured inputs
@@ -109,7 +109,7 @@ def npz_files(draw) -> bytes:
 @FUZZ
 @given(data=npz_files())
 def test_generated_npz_files(npz_worker, data: bytes) -> None:
-    found = failures_of(npz_worker, [data])
+    found = failures_of(npz_worker, [data], "icbhi_npz")
     assert not found, report(found)
 
 
@@ -125,7 +125,7 @@ def test_mutated_mat_files(mat_worker) -> None:
 
 def test_mutated_npz_files(npz_worker) -> None:
     seeds = [data for _, data in npz_seeds()]
-    found = failures_of(npz_worker, mutants(seeds, 50, seed=2024))
+    found = failures_of(npz_worker, mutants(seeds, 50, seed=2024), "icbhi_npz")
     assert not found, report(found)
 
 
@@ -160,4 +160,4 @@ def test_an_npy_header_claiming_a_terabyte_allocates_nothing(tmp_path, npz_worke
     (folder / "fMRI_data.npz").write_bytes(data)
     with pytest.raises(IcbhiError, match=r"fMRI_data\.npz: 'data' declares shape \(1099511627776,"):
         read_participant_dir(folder)
-    assert not npz_worker.run(data).failed
+    assert not npz_worker.run(data, "icbhi_npz").failed

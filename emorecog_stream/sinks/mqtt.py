@@ -46,6 +46,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import ssl
 import uuid
 from collections import deque
@@ -136,6 +137,10 @@ def read_password(env: str | None = None, file: str | os.PathLike[str] | None = 
         except OSError as exc:
             raise MqttConfigError(
                 f"cannot read MQTT password file {path}: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError as exc:  # its message would quote a byte of the password
+            raise MqttConfigError(
+                f"MQTT password file {path} is not UTF-8 text (byte {exc.start} is not)"
             ) from None
         value = value[:-1] if value.endswith("\n") else value
         value = value[:-1] if value.endswith("\r") else value
@@ -244,7 +249,11 @@ class MqttSettings:
         """
         if not isinstance(url, str) or "://" not in url:
             raise MqttConfigError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed '['
+            shown = re.sub(r"//[^/@]*@", "//...@", url)  # never echo a user name or password
+            raise MqttConfigError(f"MQTT URL cannot be parsed ({exc}): {shown!r}") from None
         scheme = parts.scheme.lower()
         if scheme not in ("mqtt", "mqtts"):
             raise MqttConfigError(f"MQTT URL scheme must be mqtt or mqtts, got {parts.scheme!r}")
