@@ -529,6 +529,8 @@ def test_files_that_are_not_logs_are_refused_clearly(
 def test_missing_file_directory_and_bad_output(tmp_path: Path) -> None:
     rc, _, err = run_cli(str(tmp_path / "nope.jsonl"))
     assert rc == 2 and "cannot read" in err and "No such file" in err
+    rc, _, err = run_cli(str(tmp_path / ("n" * 300 + ".jsonl")))
+    assert rc == 2 and "cannot read" in err and "File name too long" in err
     rc, _, err = run_cli(str(tmp_path))
     assert rc == 2 and "is a directory; expected a session log" in err
     log = write_log(tmp_path / "s.jsonl")
@@ -538,6 +540,9 @@ def test_missing_file_directory_and_bad_output(tmp_path: Path) -> None:
     assert rc == 2 and "does not exist" in err
     rc, _, err = run_cli(str(log), "-o", str(log))
     assert rc == 2 and "is the log itself" in err
+    too_long = tmp_path / ("r" * 300 + ".html")  # the OS refuses the name (any user)
+    rc, _, err = run_cli(str(log), "-o", str(too_long))
+    assert rc == 2 and f"cannot write {str(too_long)!r}: File name too long" in err
     (tmp_path / "afile").write_text("x")
     rc, _, err = run_cli(str(log), "-o", str(tmp_path / "r.html"), "--png", str(tmp_path / "afile"))
     assert rc == 2 and "is a file; expected a folder" in err

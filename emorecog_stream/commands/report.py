@@ -92,16 +92,6 @@ def main(args: argparse.Namespace) -> int:
     from emorecog_stream.report.figures import make_figures
     from emorecog_stream.sinks.payload import utc_now
 
-    output: Path = args.output if args.output is not None else default_output(args.log)
-    if output.is_dir():
-        raise UsageError(
-            f"output {str(output)!r} is a directory; expected a file path such as"
-            f" {str(output / default_output(args.log).name)!r}"
-        )
-    if not output.parent.is_dir():
-        raise UsageError(f"output folder {str(output.parent)!r} does not exist")
-    if output.resolve() == args.log.resolve():
-        raise UsageError(f"output {str(output)!r} is the log itself; choose another file")
     try:
         view = session_view(
             read_session_log(args.log),
@@ -111,21 +101,37 @@ def main(args: argparse.Namespace) -> int:
         )
     except ReportInputError as exc:
         raise UsageError(str(exc)) from None
+    output: Path = args.output if args.output is not None else default_output(args.log)
+    try:
+        if output.is_dir():
+            raise UsageError(
+                f"output {str(output)!r} is a directory; expected a file path such as"
+                f" {str(output / default_output(args.log).name)!r}"
+            )
+        if not output.parent.is_dir():
+            raise UsageError(f"output folder {str(output.parent)!r} does not exist")
+        if output.resolve() == args.log.resolve():
+            raise UsageError(f"output {str(output)!r} is the log itself; choose another file")
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UsageError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
     figures = make_figures(view)
     page = render_report(view, figures, generated_utc=utc_now(), version=__version__)
-    try:
-        write_private(output, page.encode("utf-8"))
-        written = [output]
-        if args.png is not None:
-            if args.png.exists() and not args.png.is_dir():
-                raise UsageError(f"--png {str(args.png)!r} is a file; expected a folder")
+
+    def write(path: Path, data: bytes) -> Path:
+        try:
+            return write_private(path, data)
+        except OSError as exc:
+            raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+    written = [write(output, page.encode("utf-8"))]
+    if args.png is not None:
+        if args.png.exists() and not args.png.is_dir():
+            raise UsageError(f"--png {str(args.png)!r} is a file; expected a folder")
+        try:
             args.png.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for fig in figures:
-                written.append(write_private(args.png / f"{fig.name}.png", fig.png))
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write {str(exc.filename or output)!r}: {exc.strerror or exc}"
-        ) from None
+        except OSError as exc:
+            raise UsageError(f"cannot create {str(args.png)!r}: {exc.strerror or exc}") from None
+        written += [write(args.png / f"{fig.name}.png", fig.png) for fig in figures]
     print(f"wrote {written[0]} ({view.n_predictions} predictions, {len(view.trials)} trials)")
     for path in written[1:]:
         print(f"wrote {path}")

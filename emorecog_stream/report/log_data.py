@@ -97,9 +97,9 @@ def read_session_log(path: str | Path) -> LoadedLog:
     """Read every record of ``path``, split into runs; raise :class:`ReportInputError` when the
     file cannot be read, is empty, or does not start like a session log."""
     p = Path(path)
-    if p.is_dir():
-        raise ReportInputError(f"{str(p)!r} is a directory; expected {LOG_HINT}")
     try:
+        if p.is_dir():
+            raise ReportInputError(f"{str(p)!r} is a directory; expected {LOG_HINT}")
         data = p.read_bytes()
     except OSError as exc:
         raise ReportInputError(
