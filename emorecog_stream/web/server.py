@@ -204,8 +204,8 @@ class WebServer:
             raise OSError(
                 exc.errno, f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
-        sockets = getattr(site._server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        addresses = self._runner.addresses  # (host, port, ...) of each listening socket
+        self.bound_port = int(addresses[0][1]) if addresses else self.port
         await self.bridge.start()
         self._heartbeat = asyncio.create_task(self._beat(), name="web-heartbeat")
 
