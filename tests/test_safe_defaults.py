@@ -116,6 +116,7 @@ def test_session_log_is_created_owner_only_and_an_existing_one_keeps_its_mode(
     assert mode_of(shared) == 0o640
 
 
+@pytest.mark.slow
 def test_run_creates_its_log_owner_only_through_the_cli(tmp_path: Path, umask) -> None:
     """The real ``run`` opens the log before it looks for streams; none exist, so it stops."""
     umask(0o022)
@@ -222,6 +223,7 @@ def test_cli_refuses_a_checkpoint_that_holds_code(tmp_path: Path, command: str, 
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_run_in_a_fresh_process_refuses_the_payload(tmp_path: Path) -> None:
     path, marker = _booby_trapped(tmp_path, "exec")
     proc = subprocess.run(
@@ -342,6 +344,7 @@ def _run_config(tmp_path: Path, **mqtt: object) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_mosquitto() is None, reason="needs the mosquitto binary")
 async def test_run_and_listen_refuse_a_clear_password_to_a_lan_broker_unless_allowed(
     tmp_path: Path, brokers: list[MosquittoBroker], monkeypatch, capsys
