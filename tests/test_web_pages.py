@@ -370,6 +370,7 @@ def test_marker_html_and_hostile_session_ids_show_as_text(mqtt_broker: Any) -> N
         assert page.execute_script("return document.querySelectorAll('script').length") == 2
 
 
+@pytest.mark.slow
 def test_pages_follow_the_engine_on_a_replay_and_recover_from_a_broker_restart(
     mqtt_broker_factory: Any, mqtt_collector: Any, tmp_path: Path
 ) -> None:
@@ -505,6 +506,7 @@ def test_many_sessions_one_row_each_click_into_one_fd_plot_only_when_carried(
         not_blank(png, 20)
 
 
+@pytest.mark.slow
 def test_demo_prints_both_urls_and_both_pages_work() -> None:
     """The README's first contact: ``demo`` prints the two URLs; in a browser the feedback page
     goes live and the experimenter page shows the demo session with its plots."""
