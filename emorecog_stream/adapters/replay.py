@@ -103,7 +103,9 @@ class Replayer:
     ``tag`` is appended to every name and source_id (see
     :meth:`~emorecog_stream.adapters.lsl_inlet.InletSpec.for_role`); ``names`` and
     ``source_ids`` override single roles. ``roles`` limits which roles are replayed
-    (default: all present, markers included when the sessions have any).
+    (default: all present, markers included when the sessions have any). ``require_fmri``:
+    a replay without the fMRI role is a mistake, except beside the scanner bridge, which
+    makes the fMRI stream itself (``demo --scanner``).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Replayer:
         names: Mapping[Role, str] | None = None,
         source_ids: Mapping[Role, str] | None = None,
         roles: Iterable[Role] | None = None,
+        require_fmri: bool = True,
     ) -> None:
         if isinstance(sessions, Session):
             sessions = [sessions]
@@ -130,6 +133,8 @@ class Replayer:
         self.chunk_seconds = chunk_seconds
         wanted = set(roles) if roles is not None else set(Role)
         self.descriptions = self._describe(tag, names or {}, source_ids or {}, wanted)
+        if require_fmri and Role.FMRI not in self.descriptions:
+            raise ReplayError("nothing to replay: the fMRI role is not selected")
         self._plans = [self._plan(s) for s in self.sessions]
         self._outlets: dict[Role, pylsl.StreamOutlet | None] = {}
         self._dropped_until: dict[Role, float] = {}
@@ -202,8 +207,6 @@ class Replayer:
                 atlas=session.atlas if role is Role.FMRI else "",
                 extra={"replay_speed": repr(self.speed), "source": "emorecog-stream replay"},
             )
-        if Role.FMRI not in descriptions:
-            raise ReplayError("nothing to replay: the fMRI role is not selected")
         return descriptions
 
     def _plan(self, session: Session) -> _Plan:

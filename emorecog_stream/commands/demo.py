@@ -49,6 +49,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--web-port", type=int, metavar="P", help="port of the live web pages (default 8080)"
     )
     parser.add_argument("--no-web", action="store_true", help="do not start the live web pages")
+    parser.add_argument(
+        "--scanner",
+        action="store_true",
+        help="the whole chain from image files: a simulated scanner writes the session's volumes"
+        " into an export folder, the scanner bridge turns them into the fMRI and Motion streams"
+        " (docs/scanner.md), the session's physiology is replayed beside them",
+    )
+    parser.add_argument(
+        "--scanner-format",
+        default="dicom",
+        choices=("dicom", "dicom-slices", "nifti", "nifti-gz"),
+        help="with --scanner: what the simulated scanner writes (default: Siemens-style mosaic"
+        " DICOM, one file per volume)",
+    )
 
 
 def replay_data_dir() -> Path:
@@ -129,7 +143,14 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(origin)
     try:
-        asyncio.run(_demo(config, sessions, args.speed, tag, run_engine, RunHooks))
+        if getattr(args, "scanner", False):
+            asyncio.run(
+                _demo_scanner(
+                    config, sessions[0], args.speed, tag, args.scanner_format, run_engine, RunHooks
+                )
+            )
+        else:
+            asyncio.run(_demo(config, sessions, args.speed, tag, run_engine, RunHooks))
     except RunError as exc:
         raise UsageError(str(exc)) from None
     return 0
@@ -173,4 +194,51 @@ async def _demo(
         )
     finally:
         await asyncio.to_thread(replayer.stop)
+        await web.close()
+
+
+async def _demo_scanner(
+    config: Any,
+    session: Any,
+    speed: float,
+    tag: str,
+    fmt: str,
+    run_engine: Any,
+    hooks_cls: Any,
+) -> None:
+    """``demo --scanner``: scanner-sim -> export folder -> bridge -> engine, physiology beside."""
+    import asyncio
+
+    from emorecog_stream.cli import UsageError
+    from emorecog_stream.commands.web import EngineWeb
+    from emorecog_stream.scanner.bridge import BridgeError
+    from emorecog_stream.scanner.rehearsal import ScannerRehearsal
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        rehearsal = ScannerRehearsal(session, tag=tag, speed=speed, fmt=fmt, say=say)
+    except BridgeError as exc:
+        raise UsageError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    web = EngineWeb(config, say)
+    on_broker = web.on_broker if config.web.enabled else None
+
+    def on_engine(engine: Any) -> None:
+        def scan() -> None:
+            rehearsal.start_acquisition()
+            rehearsal.join()
+            grace = (config.aligner.deadline + 2.0) / speed  # the last file, then its deadline
+            loop.call_soon_threadsafe(loop.call_later, grace, engine.stop)
+
+        loop.run_in_executor(None, scan)
+
+    try:
+        await rehearsal.start_bridge()
+        await run_engine(
+            config, time_scale=speed, hooks=hooks_cls(on_engine=on_engine, on_broker=on_broker)
+        )
+    finally:
+        await rehearsal.aclose()
         await web.close()

@@ -130,14 +130,18 @@ def outlet_descriptions(
             role=role,
             name=name,
             type=type_,
-            source_id=f"{source_id}-scanner-{host}",
+            source_id=source_id,  # the engine's defaults: `run` finds it with no configuration
             channel_count=n,
             nominal_srate=speed / tr,
             channel_labels=tuple(labels),
             units=default_units(role, n),
             tr=tr / speed,
             atlas=ATLAS if role is Role.FMRI and atlas.n_labels == 246 else "",
-            extra={"source": "emorecog-stream scanner", "atlas_file": Path(atlas.source).name},
+            extra={
+                "source": "emorecog-stream scanner",
+                "hostname": host,
+                "atlas_file": Path(atlas.source).name,
+            },
         )
     return out
 
