@@ -14,6 +14,7 @@ This module also formats what the resolver sees (:func:`describe_visible`), whic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -192,6 +193,8 @@ def parse_metadata(info: pylsl.StreamInfo) -> StreamMetadata:
         tr: float | None = float(tr_text) if tr_text else None
     except ValueError:
         tr = None
+    if tr is not None and not (math.isfinite(tr) and tr > 0):
+        tr = None  # a sender's "nan", "inf" or "-1" is no TR
     return StreamMetadata(
         name=info.name(),
         type=info.type(),

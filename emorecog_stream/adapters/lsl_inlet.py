@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import threading
 from collections import deque
@@ -315,6 +316,32 @@ def resolve_one(spec: InletSpec, timeout: float) -> pylsl.StreamInfo:
     if not infos:
         raise not_found(spec, timeout)
     return pick_stream(spec, infos)
+
+
+def _raw_strings_supported() -> bool:
+    return "as_numpy" in inspect.signature(pylsl.StreamInlet.pull_chunk).parameters
+
+
+_RAW_STRINGS = _raw_strings_supported()
+
+
+def _pull_strings(inlet: pylsl.StreamInlet, timeout: float, max_samples: int) -> tuple[Any, Any]:
+    """String samples, decoded here with U+FFFD for bytes that are not UTF-8.
+
+    pylsl decodes strictly: one marker with a stray byte from a sender raised inside
+    ``pull_chunk``, after liblsl had handed over the whole chunk, so every marker pulled with
+    it was lost and the inlet was torn down and resolved again. (pylsl < 1.18 cannot return
+    the raw bytes; it keeps the strict decoding.)
+    """
+    if not _RAW_STRINGS:
+        return inlet.pull_chunk(timeout, max_samples)
+    raw, ts = inlet.pull_chunk(timeout, max_samples, as_numpy=True)
+    rows = [[_text(v) for v in row] for row in raw] if len(ts) else []
+    return rows, ts
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,9 +739,9 @@ class AsyncInlet:
     ) -> tuple[np.ndarray | list[str], list[float]]:
         """Wait up to ``timeout`` for one sample, then take whatever else is already there."""
         if is_string:
-            samples, ts = inlet.pull_chunk(timeout, 1)
-            if ts:
-                more, ts2 = inlet.pull_chunk(0.0, self._max_chunk - 1)
+            samples, ts = _pull_strings(inlet, timeout, 1)
+            if len(ts):
+                more, ts2 = _pull_strings(inlet, 0.0, self._max_chunk - 1)
                 samples = list(samples) + list(more)
                 ts = list(ts) + list(ts2)
             return [s[0] for s in samples], list(ts)
