@@ -381,38 +381,14 @@ def _gaps(
     return gaps
 
 
-def session_view(
-    log: LoadedLog,
-    *,
-    run: int | None = None,
-    time_scale: float | None = None,
-    label_delay: float | None = None,
-) -> SessionView:
-    """Derive the report's content from run ``run`` (1-based; default the last) of ``log``.
-
-    ``time_scale``: the replay speed the session ran at (``demo --speed X``), which turns LSL
-    seconds back into session seconds; default: the log's ``meta.time_scale``, else 1 (live).
-    ``label_delay``: seconds between a trial and the volumes it labels, as ``evaluate
-    --label-delay`` (default :data:`emorecog_stream.model.data.DEFAULT_LABEL_DELAY_S`).
-    """
-    from emorecog_stream.model.data import DEFAULT_LABEL_DELAY_S, label_volumes
-    from emorecog_stream.model.metrics import evaluate_arrays
-    from emorecog_stream.recordings.session import Marker, Session, SignalStream, parse_marker
-    from emorecog_stream.streams import N_ROIS, Role
-
-    n_runs = len(log.runs)
-    number = n_runs if run is None else run
-    if not 1 <= number <= n_runs:
-        raise ReportInputError(
-            f"run {number} asked for, but {str(log.path)!r} holds {n_runs} run(s)"
-            f" (expected 1..{n_runs})"
-        )
-    r = log.runs[number - 1]
+def _run_notes(log: LoadedLog, r: LogRun, number: int) -> list[str]:
+    """Notes on the file and the run's framing: several runs, cut or damaged lines, missing
+    start or end, a file created again mid-run, record kinds the report does not know."""
     notes: list[str] = []
-    if n_runs > 1:
+    if len(log.runs) > 1:
         notes.append(
-            f"This file holds {n_runs} runs (the log is opened for appending); this report shows"
-            f" run {number}. Choose another with --run N."
+            f"This file holds {len(log.runs)} runs (the log is opened for appending); this"
+            f" report shows run {number}. Choose another with --run N."
         )
     if log.cut_off_bytes:
         notes.append(
@@ -427,7 +403,6 @@ def session_view(
             + (f" and {more} more" if more > 0 else "")
             + ")."
         )
-    start = r.start or {}
     if r.start is None:
         notes.append("No session_start record: session, model and software are unknown.")
     if r.end is None:
@@ -445,6 +420,111 @@ def session_view(
         )
     for kind, count in sorted(r.other_kinds.items()):
         notes.append(f"{count} record(s) of unknown kind {kind!r} not shown.")
+    return notes
+
+
+def _int_column(records: list[dict[str, Any]], key: str) -> np.ndarray:
+    values = (_float(rec.get(key)) for rec in records)
+    return np.array([int(v) if math.isfinite(v) else -1 for v in values], np.int64)
+
+
+def _float_column(records: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([_float(rec.get(key)) for rec in records], np.float64)
+
+
+def _markers(
+    records: list[dict[str, Any]], session_time: Any, participant: str, tr: float | None
+) -> tuple[list[MarkerRow], Any]:
+    """Every marker as a row, and a :class:`Session` holding the usable trial markers on the
+    session-time axis (what ``label_volumes`` and ``Session.trials`` work on)."""
+    from emorecog_stream.recordings.session import Marker, Session, SignalStream, parse_marker
+    from emorecog_stream.streams import N_ROIS, Role
+
+    rows: list[MarkerRow] = []
+    usable_markers: list[Marker] = []
+    for m in records:
+        t = _float(m.get("timestamp"))
+        text = _text(m.get("text"))
+        info = parse_marker(text) if isinstance(m.get("text"), str) else None
+        usable = _trial_marker(info) and math.isfinite(t)
+        shown = info or {}
+        rows.append(
+            MarkerRow(
+                time=session_time(t) if math.isfinite(t) else None,
+                event=_text(shown.get("event")),
+                trial=_text(shown.get("trial")),
+                category=_text(shown.get("category")),
+                intensity=_text(shown.get("intensity")),
+                text=text,
+                is_trial_marker=usable,
+            )
+        )
+        if usable:
+            usable_markers.append(Marker(session_time(t), text))
+    session = Session(
+        participant=participant or "log",
+        tr=tr or 1.0,
+        # no volumes: label_volumes needs only the trials, which come from the markers
+        fmri=SignalStream(
+            Role.FMRI, "log", "fMRI", np.zeros((0, N_ROIS), np.float32), np.zeros(0), 0.0
+        ),
+        markers=usable_markers,
+    )
+    return rows, session
+
+
+def _status_rows(
+    records: list[dict[str, Any]], preds: list[dict[str, Any]], time: np.ndarray, scale: float
+) -> list[StatusRow]:
+    """Status changes, placed on the session-time axis through the predictions' own UTC times
+    (a status record carries only its UTC time)."""
+    pairs = [(_utc_seconds(p.get("utc")), t) for p, t in zip(preds, time, strict=True)]
+    offsets = [u * scale - t for u, t in pairs if u is not None]
+    offset = float(np.median(offsets)) if offsets else None
+    rows = []
+    for s in records:
+        u = _utc_seconds(s.get("utc"))
+        details = s.get("details") if isinstance(s.get("details"), dict) else {}
+        missing = details.get("missing")
+        rows.append(
+            StatusRow(
+                utc=_text(s.get("utc")),
+                state=_text(s.get("state")),
+                reason=_text(s.get("reason")),
+                missing=", ".join(str(x) for x in missing) if isinstance(missing, list) else "",
+                time=None if u is None or offset is None else u * scale - offset,
+            )
+        )
+    return rows
+
+
+def session_view(
+    log: LoadedLog,
+    *,
+    run: int | None = None,
+    time_scale: float | None = None,
+    label_delay: float | None = None,
+) -> SessionView:
+    """Derive the report's content from run ``run`` (1-based; default the last) of ``log``.
+
+    ``time_scale``: the replay speed the session ran at (``demo --speed X``), which turns LSL
+    seconds back into session seconds; default: the log's ``meta.time_scale``, else 1 (live).
+    ``label_delay``: seconds between a trial and the volumes it labels, as ``evaluate
+    --label-delay`` (default :data:`emorecog_stream.model.data.DEFAULT_LABEL_DELAY_S`).
+    """
+    from emorecog_stream.model.data import DEFAULT_LABEL_DELAY_S, label_volumes
+    from emorecog_stream.model.metrics import evaluate_arrays
+
+    n_runs = len(log.runs)
+    number = n_runs if run is None else run
+    if not 1 <= number <= n_runs:
+        raise ReportInputError(
+            f"run {number} asked for, but {str(log.path)!r} holds {n_runs} run(s)"
+            f" (expected 1..{n_runs})"
+        )
+    r = log.runs[number - 1]
+    notes = _run_notes(log, r, number)
+    start = r.start or {}
     meta = start.get("meta") if isinstance(start.get("meta"), dict) else {}
 
     scale = time_scale
@@ -461,31 +541,20 @@ def session_view(
     delay = DEFAULT_LABEL_DELAY_S if label_delay is None else float(label_delay)
 
     preds, stamps, probabilities = _predictions(r.predictions, notes)
-    t0 = float(stamps[0]) if stamps.size else None
-    if t0 is None:
+    if stamps.size:
+        t0 = float(stamps[0])
+    else:
         marker_stamps = [_float(m.get("timestamp")) for m in r.markers]
-        finite = [t for t in marker_stamps if math.isfinite(t)]
-        t0 = min(finite) if finite else 0.0
+        t0 = min((t for t in marker_stamps if math.isfinite(t)), default=0.0)
         notes.append("The log holds no prediction: there is nothing to plot against time.")
 
     def session_time(t: float) -> float:
         return (t - t0) * scale
 
     time = (stamps - t0) * scale
-    tr_index = np.array(
-        [
-            int(v) if math.isfinite(v) else -1
-            for v in (_float(p.get("tr_index")) for p in preds)
-        ],
-        np.int64,
-    )
-    sequence = np.array(
-        [
-            int(v) if math.isfinite(v) else -1
-            for v in (_float(p.get("sequence")) for p in preds)
-        ],
-        np.int64,
-    )
+    tr_index = _int_column(preds, "tr_index")
+    sequence = _int_column(preds, "sequence")
+    intensity = _float_column(preds, "intensity")
     flags = [p.get("flags") if isinstance(p.get("flags"), list) else [] for p in preds]
     resets = np.array(["state_reset" in f for f in flags], bool)
     flag_counts: dict[str, int] = {}
@@ -494,74 +563,47 @@ def session_view(
             flag_counts[str(name)] = flag_counts.get(str(name), 0) + 1
     # logs carry ``framewise_displacement`` (null without a motion stream) since the motion
     # stream exists; older logs have no such field. Either way: no finite value, no FD panel.
-    fd = np.array([_float(p.get("framewise_displacement")) for p in preds], np.float64)
-    has_fd = bool(np.isfinite(fd).any())
+    fd = _float_column(preds, "framewise_displacement")
     tr = _tr_of(time, resets)
-    gaps = _gaps(time, tr_index, sequence, resets, tr) if tr else []
+    session_id = _text(
+        start.get("session")
+        or (r.reopened[0].get("session") if r.reopened else "")
+        or (preds[0].get("session") if preds else "")
+    )
 
     # markers: every one shown; only well-formed trial markers define trials
-    markers: list[MarkerRow] = []
-    trial_markers: list[Marker] = []
-    for m in r.markers:
-        t = _float(m.get("timestamp"))
-        text = _text(m.get("text"))
-        info = parse_marker(text) if isinstance(m.get("text"), str) else None
-        usable = _trial_marker(info) and math.isfinite(t)
-        shown = info or {}
-        markers.append(
-            MarkerRow(
-                time=session_time(t) if math.isfinite(t) else None,
-                event=_text(shown.get("event")),
-                trial=_text(shown.get("trial")),
-                category=_text(shown.get("category")),
-                intensity=_text(shown.get("intensity")),
-                text=text,
-                is_trial_marker=usable,
-            )
-        )
-        if usable:
-            trial_markers.append(Marker(session_time(t), text))
-    if any(not m.is_trial_marker for m in markers):
+    markers, session = _markers(r.markers, session_time, session_id, tr)
+    unused = sum(not m.is_trial_marker for m in markers)
+    if unused:
         notes.append(
-            f"{sum(not m.is_trial_marker for m in markers)} marker(s) are not trial markers"
-            " (a JSON object with event trial_start/trial_end, an integer trial, category -1/0/1"
-            " or null, a numeric intensity or null): listed, not used."
+            f"{unused} marker(s) are not trial markers (a JSON object with event"
+            " trial_start/trial_end, an integer trial, category -1/0/1 or null, a numeric"
+            " intensity or null): listed, not used."
         )
-    session = Session(
-        participant=str(start.get("session") or "log"),
-        tr=tr or 1.0,
-        # no volumes: label_volumes needs only the trials, which come from the markers
-        fmri=SignalStream(
-            Role.FMRI, "log", "fMRI", np.zeros((0, N_ROIS), np.float32), np.zeros(0), 0.0
-        ),
-        markers=trial_markers,
-    )
-    trials = [
-        TrialSpan(
-            index=tr_.index,
-            onset=tr_.onset,
-            offset=tr_.offset,
-            category=_category_name(tr_.category),
-            intensity=None if tr_.intensity is None else float(tr_.intensity),
-        )
-        for tr_ in session.trials()
-    ]
     if not r.markers:
         notes.append(
             "The log holds no trial markers (the markers stream was not recorded or not"
             " present): no trial spans, no accuracy."
         )
+    trials = [
+        TrialSpan(
+            index=t.index,
+            onset=t.onset,
+            offset=t.offset,
+            category=_category_name(t.category),
+            intensity=None if t.intensity is None else float(t.intensity),
+        )
+        for t in session.trials()
+    ]
 
-    intensity = np.array([_float(p.get("intensity")) for p in preds], np.float64)
+    # accuracy: evaluate's labelling and scoring, on the volumes that carry a label
     metrics = None
     labelled = 0
-    if trials and any(t.category is not None for t in trials) and time.size:
+    if any(t.category is not None for t in trials) and time.size:
         category, target, trial = label_volumes(session, time, delay)
-        mask = (category >= 0) & np.isfinite(intensity)
+        mask = (category >= 0) & np.isfinite(intensity)  # evaluate: labelled and ready
         labelled = int(mask.sum())
-        metrics = evaluate_arrays(
-            [(probabilities, intensity, category, target, trial, mask)]
-        )
+        metrics = evaluate_arrays([(probabilities, intensity, category, target, trial, mask)])
         if labelled == 0:
             notes.append(
                 f"No prediction falls in a trial's labelled window (onset + {delay:g} s to"
@@ -570,45 +612,18 @@ def session_view(
     elif trials:
         notes.append("The trial markers carry no category: accuracy is not computed.")
 
-    # status changes, placed on the time axis through the predictions' own UTC times
-    offset = None
-    pairs = [(_utc_seconds(p.get("utc")), t) for p, t in zip(preds, time, strict=True)]
-    pairs = [(u * scale - t, t) for u, t in pairs if u is not None]
-    if pairs:
-        offset = float(np.median([d for d, _ in pairs]))
-    statuses = []
-    for s in r.statuses:
-        u = _utc_seconds(s.get("utc"))
-        details = s.get("details") if isinstance(s.get("details"), dict) else {}
-        missing = details.get("missing") if isinstance(details, dict) else None
-        statuses.append(
-            StatusRow(
-                utc=_text(s.get("utc")),
-                state=_text(s.get("state")),
-                reason=_text(s.get("reason")),
-                missing=", ".join(str(x) for x in missing) if isinstance(missing, list) else "",
-                time=None if u is None or offset is None else u * scale - offset,
-            )
-        )
-
     summary = r.summary or {}
-    mqtt = summary.get("mqtt") if isinstance(summary.get("mqtt"), dict) else None
-    engine_counters = summary.get("engine") if isinstance(summary.get("engine"), dict) else None
-
+    end = r.end or {}
     return SessionView(
         path=log.path,
         run_number=number,
         n_runs=n_runs,
-        session=_text(
-            start.get("session")
-            or (r.reopened[0].get("session") if r.reopened else "")
-            or (preds[0].get("session") if preds else "")
-        ),
+        session=session_id,
         model_id=_text(start.get("model_id") or (preds[0].get("model_id") if preds else "")),
         software=_text(start.get("software")),
         start_utc=_text(start.get("utc")),
-        end_utc=_text((r.end or {}).get("utc")),
-        end_reason=_text((r.end or {}).get("reason")),
+        end_utc=_text(end.get("utc")),
+        end_reason=_text(end.get("reason")),
         meta=meta,
         time_scale=scale,
         label_delay=delay,
@@ -618,17 +633,17 @@ def session_view(
         sequence=sequence,
         probabilities=probabilities,
         intensity=intensity,
-        heart_rate=np.array([_float(p.get("heart_rate")) for p in preds], np.float64),
-        respiration_rate=np.array([_float(p.get("respiration_rate")) for p in preds], np.float64),
-        framewise_displacement=fd if has_fd else None,
-        latency_ms=np.array([_float(p.get("latency_ms")) for p in preds], np.float64),
+        heart_rate=_float_column(preds, "heart_rate"),
+        respiration_rate=_float_column(preds, "respiration_rate"),
+        framewise_displacement=fd if np.isfinite(fd).any() else None,
+        latency_ms=_float_column(preds, "latency_ms"),
         flag_counts=flag_counts,
         trials=trials,
         markers=markers,
-        statuses=statuses,
-        gaps=gaps,
-        mqtt=mqtt,
-        engine_counters=engine_counters,
+        statuses=_status_rows(r.statuses, preds, time, scale),
+        gaps=_gaps(time, tr_index, sequence, resets, tr) if tr else [],
+        mqtt=summary.get("mqtt") if isinstance(summary.get("mqtt"), dict) else None,
+        engine_counters=summary.get("engine") if isinstance(summary.get("engine"), dict) else None,
         metrics=metrics,
         labelled_volumes=labelled,
         notes=notes,
