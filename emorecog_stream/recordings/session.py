@@ -76,13 +76,56 @@ def make_marker(event: str, trial: int, category: int | None, intensity: int | N
     )
 
 
+def _whole(value: Any, low: int | None, high: int | None) -> int | None:
+    """``value`` as an int if it is a whole number (within ``low..high``), else None."""
+    if isinstance(value, str):  # "3" was always read as 3
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():  # NaN and inf included
+        return None
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        return None
+    return number
+
+
+MARKER_MAX_DEPTH = 16
+"""Nesting a parsed marker may have; ours are flat. A deeper one is kept as text only, since
+writing it back out (the audit log) would hit Python's recursion limit and lose it."""
+
+
 def parse_marker(text: str) -> dict[str, Any] | None:
-    """The JSON object in a marker, or None for markers that are not ours (kept, not parsed)."""
+    """The JSON object in a marker, or None for markers that are not ours (kept, not parsed).
+
+    Markers come from any LSL sender or file: text that is not JSON, nests too deep for the
+    parser, holds an integer of more than 4300 digits (Python's limit) or nests deeper than
+    :data:`MARKER_MAX_DEPTH` is "not ours", never an exception.
+    """
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # JSONDecodeError is a ValueError
         return None
-    return value if isinstance(value, dict) and "event" in value else None
+    if not isinstance(value, dict) or "event" not in value or _depth(value) > MARKER_MAX_DEPTH:
+        return None
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level + 1)
+            if deepest > MARKER_MAX_DEPTH:
+                return deepest
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 @dataclass
@@ -117,24 +160,30 @@ class Session:
         return len(self.fmri)
 
     def trials(self) -> list[Trial]:
-        """Trials from ``trial_start``/``trial_end`` markers, in time order."""
+        """Trials from ``trial_start``/``trial_end`` markers, in time order.
+
+        Markers come from outside (XDF files, LSL senders): one without a usable trial index is
+        skipped like a marker that is not ours, and a category or intensity outside -1..+1 /
+        -4..+4 reads as unknown (None), so a stray marker cannot stop a replay or a training.
+        """
         starts: dict[int, tuple[float, dict[str, Any]]] = {}
         trials: list[Trial] = []
         for marker in sorted(self.markers, key=lambda m: m.timestamp):
             info = parse_marker(marker.text)
-            if info is None:
+            index = _whole(info.get("trial"), None, None) if info is not None else None
+            if info is None or index is None:
                 continue
             if info["event"] == "trial_start":
-                starts[int(info["trial"])] = (marker.timestamp, info)
-            elif info["event"] == "trial_end" and int(info["trial"]) in starts:
-                onset, start_info = starts.pop(int(info["trial"]))
+                starts[index] = (marker.timestamp, info)
+            elif info["event"] == "trial_end" and index in starts:
+                onset, start_info = starts.pop(index)
                 trials.append(
                     Trial(
-                        index=int(info["trial"]),
+                        index=index,
                         onset=onset,
                         offset=marker.timestamp,
-                        category=start_info.get("category"),
-                        intensity=start_info.get("intensity"),
+                        category=_whole(start_info.get("category"), -1, 1),
+                        intensity=_whole(start_info.get("intensity"), -4, 4),
                     )
                 )
         return trials
