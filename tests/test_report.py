@@ -469,6 +469,7 @@ def test_unlabelled_or_missing_markers_give_no_accuracy(tmp_path: Path) -> None:
     page = report_of(write_log(tmp_path / "u.jsonl", markers=unlabelled), tmp_path)
     assert 'id="metrics"' not in page and "Not computed" in page
     assert "carry no category" in page
+    assert '<td class="">trial_start</td><td class="">0</td><td class=""></td>' in page
     page = report_of(write_log(tmp_path / "none.jsonl"), tmp_path)
     assert 'id="metrics"' not in page and "holds no trial markers" in page
     assert "No framewise displacement in this log" in page
@@ -487,6 +488,7 @@ def test_labelled_markers_on_a_hand_written_log_score_like_evaluate(tmp_path: Pa
     assert int(cells["per_trial"]["n"]) == 2 and int(cells["per_tr"]["n"]) == 16
     assert float(cells["per_tr"]["accuracy"]) == view.metrics["per_tr"]["accuracy"]
     assert "onset + 2 s to its offset + 2 s" in page
+    assert '<td class="">1</td><td class="">positive (+1)</td><td class="">2</td>' in page
 
 
 def test_several_runs_in_one_file(tmp_path: Path) -> None:

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from emorecog_stream.report.figures import CATEGORY_COLOURS, FigureImage
+from emorecog_stream.report.figures import FigureImage
 from emorecog_stream.report.log_data import SessionView
-from emorecog_stream.streams import CATEGORY_LABELS
 
 __all__ = ["render_report", "write_private"]
 
@@ -67,7 +66,6 @@ figure { margin: 8px 0 16px; }
 figure img { width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #444; }
 .muted { color: #666; }
-.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; }
 footer { margin-top: 30px; font-size: 12px; color: #666; }
 @page { size: A4; margin: 14mm; }
 @media print {
@@ -318,10 +316,6 @@ def _markers(view: SessionView) -> str:
     head = '<section id="markers"><h2>Trial markers</h2>'
     if not view.markers:
         return head + "<p>No marker in this run.</p></section>"
-    legend = " ".join(
-        f'<span class="swatch" style="background:{CATEGORY_COLOURS[c]}"></span>{_esc(c)}'
-        for c in CATEGORY_LABELS
-    )
     rows = (
         (
             _time(m.time),
@@ -336,8 +330,8 @@ def _markers(view: SessionView) -> str:
     )
     return (
         head
-        + f"<p>Every marker as logged (category -1/0/+1 = {legend}); the text as it came for"
-        " markers that are not trial markers.</p>"
+        + "<p>Every marker as logged; the text as it came for markers that are not trial"
+        " markers.</p>"
         + _table(
             ("session time (s)", "event", "trial", "category", "intensity", "used", "text"),
             rows,

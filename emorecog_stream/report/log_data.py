@@ -453,7 +453,11 @@ def _markers(
                 time=session_time(t) if math.isfinite(t) else None,
                 event=_text(shown.get("event")),
                 trial=_text(shown.get("trial")),
-                category=_text(shown.get("category")),
+                category=(
+                    f"{_category_name(shown['category'])} ({int(shown['category']):+d})"
+                    if usable and shown.get("category") is not None
+                    else _text(shown.get("category"))
+                ),
                 intensity=_text(shown.get("intensity")),
                 text=text,
                 is_trial_marker=usable,
