@@ -17,7 +17,7 @@ Layout (see ``examples/config.toml`` for a documented example)::
     [engine]    reset_gap_trs, tr, stall_timeout, fmri_stall_trs, resolve_timeout,
                 model_thread, fd_threshold
     [mqtt]      url, username, password_env, password_file, tls_ca, tls_cert, tls_key,
-                tls_insecure, client_id, topic_prefix, queue_size, message_expiry
+                tls_insecure, allow_insecure, client_id, topic_prefix, queue_size, message_expiry
     [model]     path
     [output]    log, dashboard
     [web]       enabled, host, port, session, history, target, smooth, shape, color,
@@ -235,6 +235,8 @@ class MqttConfig:
     The password itself is never in the file: ``password_env`` names an environment variable,
     ``password_file`` a file holding it. ``message_expiry`` is the MQTT 5 message expiry in
     seconds (0 = none); ``queue_size`` bounds the predictions kept while the broker is away.
+    ``allow_insecure`` lets a password go in clear (``mqtt://``) to a broker that is not on this
+    machine; without it that is an error before anything connects.
     """
 
     url: str = ""
@@ -245,6 +247,7 @@ class MqttConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_insecure: bool = False
+    allow_insecure: bool = False
     client_id: str = ""
     topic_prefix: str = "emorecog"
     queue_size: int = 10000
