@@ -82,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--noise",
         type=float,
-        default=1.0,
+        default=0.5,
         metavar="SD",
         help="thermal noise sd, in units where tissue is ~100 (default: %(default)s)",
     )
