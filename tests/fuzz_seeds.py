@@ -234,11 +234,45 @@ def marker_seeds() -> list[tuple[str, bytes]]:
 
 
 def scanner_target(call: Callable[..., Any]) -> tuple[tuple[Any, ...], Callable[[], Any]] | None:
-    """The scanner bridge's NIfTI/DICOM reader, where it exists (see test_fuzz_scanner.py)."""
+    """The scanner bridge's NIfTI/DICOM readers, where they exist: calls and seeds."""
     path = REPO / "emorecog_stream" / "scanner" / "files.py"
     if not path.is_file():
         return None
-    return None
+    errors = ("emorecog_stream.scanner.files.VolumeReadError",)
+    return (call("read_nifti/read_dicom", errors, _scanner_read),), scanner_seeds
+
+
+def _scanner_name(data: bytes) -> str:
+    if data[128:132] == b"DICM":
+        return "in.dcm"
+    return "in.nii.gz" if data[:2] == b"\x1f\x8b" else "in.nii"
+
+
+def _scanner_read(work: Path, data: bytes) -> Any:
+    from emorecog_stream.scanner.files import read_dicom, read_nifti
+
+    path = work / _scanner_name(data)
+    path.write_bytes(data)
+    if path.suffix == ".dcm":
+        return read_dicom(str(path))
+    return read_nifti(str(path))
+
+
+@functools.cache
+def scanner_seeds() -> list[tuple[str, bytes]]:
+    """nibabel's functional.nii (4-D) and a 3-D gzip volume cut from it; pydicom's MR_small.dcm."""
+    import nibabel
+    from pydicom.data import get_testdata_file
+
+    functional = Path(nibabel.__file__).parent / "tests" / "data" / "functional.nii"
+    raw = functional.read_bytes()
+    image = nibabel.Nifti1Image.from_bytes(raw)
+    first = nibabel.Nifti1Image(image.get_fdata()[..., 0].astype("float32"), image.affine)
+    return [
+        ("functional.nii", raw),
+        ("functional_vol0.nii.gz", gzip_bytes(first.to_bytes())),
+        ("MR_small.dcm", Path(get_testdata_file("MR_small.dcm")).read_bytes()),
+    ]
 
 
 def write_p15_cut(path: Path = P15_CUT) -> None:  # pragma: no cover - run once by hand

@@ -49,7 +49,8 @@ BASE_BUDGET = 256 * 2**20
 
 
 INPUT_NAMES = (
-    "in.xdf", "in.h5", "in.keras", "in.pt", "P10_1.mat", ".npz", "config.toml", "password"
+    "in.xdf", "in.h5", "in.keras", "in.pt", "P10_1.mat", ".npz", "config.toml", "password",
+    "in.nii", "in.dcm",
 )
 """File names the harness writes inputs as; an error message must name the file (or its path)."""
 

@@ -23,6 +23,7 @@ raises :class:`VolumeReadError`. Both name the file; neither ever escapes as a c
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import warnings
@@ -394,7 +395,10 @@ def _dicom_failure(path: str, exc: Exception, size: int, ds) -> VolumeReadError:
         not_dicom = size >= _DICOM_MAGIC_OFFSET + 4 and "DICM" in text
         truncated = not not_dicom
     else:
-        truncated = _pixel_data_short(ds)
+        try:
+            truncated = _pixel_data_short(ds)
+        except Exception:
+            truncated = False  # too broken to be a file still being written
     cls = IncompleteFile if truncated else VolumeReadError
     return cls(path, f"DICOM not readable ({type(exc).__name__}: {text})")
 
@@ -414,7 +418,10 @@ def read_dicom(path: str) -> list[Volume] | DicomSlice:
         size = os.path.getsize(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            ds = pydicom.dcmread(path)
+            # from memory: on a file, pydicom's read(length) first allocates the length an
+            # element declares, so one corrupt length field asked for gigabytes
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(io.BytesIO(f.read()))
             wrapper = dicomwrappers.wrapper_from_data(ds)
             data = wrapper.get_data()
             affine = DPCS_TO_RAS @ np.asarray(wrapper.affine, dtype=np.float64)
