@@ -438,6 +438,9 @@ class VolumeWatcher:
                 except Exception as exc:  # never let one file stop the watch
                     log.exception("unexpected error on %s", path)
                     self._report_broken(path, f"unexpected {type(exc).__name__}: {exc}")
+                # Let the consumer take a finished volume now, not after the whole batch
+                # (reads on the loop have no other await point).
+                await asyncio.sleep(0)
 
     async def _attempt(self, path: str) -> None:
         stat = _stat_key(path)
