@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "DPCS_TO_RAS",
     "NIFTI_SUFFIXES",
     "DicomSlice",
     "FileKind",
