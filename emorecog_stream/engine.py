@@ -18,7 +18,9 @@ Why it is shaped like this:
 * **Head motion beside, not in, the model.** A ``Motion`` stream (the scanner bridge's) is
   matched to each volume by timestamp (:mod:`emorecog_stream.motion`); its framewise
   displacement rides on the prediction, and a volume above ``fd_threshold`` is flagged
-  ``motion``. A motion sample that has not arrived when the step is ready is not waited for.
+  ``motion``. A prediction whose volume's motion sample has not arrived yet is held back (its
+  model step is not) for at most :data:`MOTION_WAIT_S`, in order: a volume above the threshold
+  must not go out unflagged because two inlets raced.
 * **Slow models off the loop.** The shipped NumPy stepper (~0.04 ms) steps inline; any other
   model (Keras v1: ~55 ms a step) steps in one worker thread, in order, and its predictions are
   numbered and published in that order when they come back (``[engine] model_thread``).
@@ -111,6 +113,11 @@ class EngineCounters:
     motion_missing: int = 0  # steps ready before their motion sample (FD unknown)
 
 
+#: Engine seconds a finished step waits for its volume's motion sample before it is published
+#: with ``motion_missing``. The bridge pushes motion first, so the wait is normally zero; it
+#: covers the two inlets' reader threads racing (measured: benchmarks/bench_motion_order.py).
+MOTION_WAIT_S = 0.25
+
 #: Model steps slower than this (seconds, three in a row) move to the model thread under "auto".
 SLOW_STEP_S = 0.002
 
@@ -133,6 +140,7 @@ class _PendingStep:
     flags: tuple[str, ...]
     ready_at: float  # LSL clock
     motion: MotionSample | None = None
+    motion_due: float = -math.inf  # engine time until which publication waits for motion
 
 
 class InputError(ValueError):
@@ -210,6 +218,8 @@ class Engine:
         self.motion = MotionTrack()
         self.fd_threshold = config.engine.fd_threshold
         self._motion_stream = False  # a Motion stream was found: a volume without FD is flagged
+        # finished steps not yet published: the head waits for its motion sample (in order)
+        self._held: deque[tuple[_PendingStep, StepOutput | BaseException]] = deque()
 
     # -- time -----------------------------------------------------------------------------
 
@@ -319,7 +329,9 @@ class Engine:
             self.motion.push(values, stamps)
             self.status_tracker.arrived(role, self.to_engine(received))
             self._update_status()  # a good sample clears an earlier motion error
-            return []
+            made = self._release_held()
+            self._reschedule()
+            return made
         engine_stamps = stamps if self.time_scale == 1.0 else self.to_engine(stamps)
         try:
             self.aligner.push(role, values, engine_stamps)
@@ -390,9 +402,7 @@ class Engine:
             t0 = time.perf_counter()
             out = self._run_model(pending)
             self._note_step_time(time.perf_counter() - t0)
-            prediction = self._finish(pending, out)
-            if prediction is not None:
-                made.append(prediction)
+            made.extend(self._finish(pending, out))
         return made
 
     def _prepare(self, step: AlignedStep, ready_at: float) -> _PendingStep:
@@ -421,24 +431,55 @@ class Engine:
         if not step.roi_valid:
             flags.append("roi_invalid")
         motion = self.motion.match(self.to_lsl(step.timestamp))
+        return _PendingStep(
+            step,
+            admission.tr_index,
+            admission.reset,
+            tuple(flags),
+            ready_at,
+            motion,
+            motion_due=self.now() + MOTION_WAIT_S,
+        )
+
+    def _with_motion(self, pending: _PendingStep) -> _PendingStep:
+        """The motion flags of a step about to be published: ``motion`` above the threshold,
+        ``motion_missing`` (with a note) when a motion stream exists but the sample never came."""
+        motion = pending.motion
         fd = None if motion is None else motion.framewise_displacement
         if fd is not None and fd > self.fd_threshold:
-            flags.append("motion")
             self.counters.motion_flagged += 1
-        elif motion is None and self._motion_stream:
-            # never waited for: the prediction goes out now with its FD unknown
+            return replace(pending, flags=(*pending.flags, "motion"))
+        if motion is None and self._motion_stream:
             self.counters.motion_missing += 1
-            flags.append("motion_missing")
-            step = replace(
-                step,
-                notes=(
-                    *step.notes,
-                    "framewise displacement unknown: the volume's motion sample had not arrived",
-                ),
+            note = (
+                "framewise displacement unknown: the volume's motion sample had not arrived"
+                f" {MOTION_WAIT_S:g} s after the step was ready"
             )
-        return _PendingStep(
-            step, admission.tr_index, admission.reset, tuple(flags), ready_at, motion
-        )
+            return replace(
+                pending,
+                flags=(*pending.flags, "motion_missing"),
+                step=replace(pending.step, notes=(*pending.step.notes, note)),
+            )
+        return pending
+
+    def _release_held(self, force: bool = False) -> list[Prediction]:
+        """Publish held steps from the head while their motion sample is there, or their wait
+        is over (``force``: now, whatever is missing). Order is never changed."""
+        made: list[Prediction] = []
+        now = self.now()
+        while self._held:
+            pending, out = self._held[0]
+            if pending.motion is None and self._motion_stream:
+                motion = self.motion.match(self.to_lsl(pending.step.timestamp))
+                if motion is not None:
+                    pending = replace(pending, motion=motion)
+                elif not force and now < pending.motion_due:
+                    break
+            self._held.popleft()
+            prediction = self._publish(self._with_motion(pending), out)
+            if prediction is not None:
+                made.append(prediction)
+        return made
 
     def _run_model(self, pending: _PendingStep) -> StepOutput | BaseException:
         """Reset (when due) and step the model; runs inline or in the model thread, never both
@@ -454,7 +495,15 @@ class Engine:
         except Exception as exc:
             return exc
 
-    def _finish(self, pending: _PendingStep, out: StepOutput | BaseException) -> Prediction | None:
+    def _finish(
+        self, pending: _PendingStep, out: StepOutput | BaseException
+    ) -> list[Prediction]:
+        """A model answer is ready: publish it, and every held one before it, unless it must
+        wait for its motion sample (see :meth:`_release_held`); returns what was published."""
+        self._held.append((pending, out))
+        return self._release_held()
+
+    def _publish(self, pending: _PendingStep, out: StepOutput | BaseException) -> Prediction | None:
         """Number the model's answer and hand it to telemetry and the outputs (on the loop)."""
         step = pending.step
         if isinstance(out, BaseException):
@@ -617,6 +666,7 @@ class Engine:
                 self.aligner.next_deadline(),
                 self.status_tracker.next_change(now, self.session.tr),
                 self._stop_at,
+                self._held[0][0].motion_due if self._held else None,
             )
             if t is not None
         ]
@@ -641,6 +691,7 @@ class Engine:
             return
         self._update_status()  # first: a stalled stream is no longer waited for
         self._poll(ready_at=self.clock())
+        self._release_held()
         self._reschedule()
 
     # -- running ------------------------------------------------------------------------------
@@ -764,6 +815,7 @@ class Engine:
             self._timer = None
         try:
             await self._wait_model()  # steps already taken are published before offline
+            self._release_held(force=True)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)

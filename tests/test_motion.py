@@ -25,7 +25,7 @@ import pytest
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine import Engine
+from emorecog_stream.engine import MOTION_WAIT_S, Engine
 from emorecog_stream.model import load_model
 from emorecog_stream.motion import MATCH_TOLERANCE_S, MotionSample, MotionTrack
 from emorecog_stream.recordings.session import make_marker
@@ -175,9 +175,13 @@ def test_the_threshold_comes_from_the_config(model, session) -> None:
     assert [p.tr_index for p in out.predictions if "motion" in p.flags] == [17, 18]
 
 
-def test_a_late_or_lost_motion_sample_never_delays_the_prediction(model, session) -> None:
-    """Without physiology a step is ready the moment its volume arrives: a motion sample that
-    comes after it (the two inlets race) or never leaves that volume's FD unknown."""
+def test_a_late_motion_sample_holds_its_prediction_briefly_and_a_lost_one_is_said(
+    model, session
+) -> None:
+    """Without physiology a step is ready the moment its volume arrives. A motion sample that
+    comes just after it (the two inlets race) holds the prediction back until it arrives, so a
+    volume above the threshold is never published unflagged; one that never comes releases it
+    after MOTION_WAIT_S with FD unknown. Order and numbering never change."""
     n = session.n_volumes
     params, fd = trajectory(n)
     stamps = session.fmri.timestamps + 1000.0
@@ -191,15 +195,22 @@ def test_a_late_or_lost_motion_sample_never_delays_the_prediction(model, session
     made_by = feed(engine, clock, events)
     got = out.predictions
     assert len(got) == n
-    assert set(made_by.values()) == {Role.FMRI}  # each made by its own volume's chunk
-    unknown = [p.tr_index for p in got if p.framewise_displacement is None]
-    assert unknown == [17, 30, 31]
-    assert [p.tr_index for p in got if "motion_missing" in p.flags] == [17, 30, 31]
-    assert "motion" not in got[17].flags  # its 0.93 mm came too late to flag it
-    assert engine.counters.motion_missing == 3
-    assert any("framewise displacement unknown" in note for note in out.steps[17].notes)
-    known = [p for p in got if p.tr_index not in (17, 30, 31)]
-    assert all(p.framewise_displacement is not None for p in known)
+    assert [p.sequence for p in got] == list(range(n))
+    assert [p.tr_index for p in got] == list(range(n))
+    by_seq = {p.sequence: p for p in got}
+    # the late ones went out when their motion came, with it; the lost one when the next
+    # volume's chunks came after its wait was over (that volume's motion sample leads)
+    assert {s for s, role in made_by.items() if role is Role.MOTION} == {
+        by_seq[k].sequence for k in (17, 30, 31)
+    }
+    assert got[17].framewise_displacement == pytest.approx(fd[17], abs=1e-6)
+    assert ("motion" in got[17].flags) == (fd[17] > 0.5)
+    # the lost one waited MOTION_WAIT_S and went out FD unknown
+    assert [p.tr_index for p in got if p.framewise_displacement is None] == [31]
+    assert [p.tr_index for p in got if "motion_missing" in p.flags] == [31]
+    assert engine.counters.motion_missing == 1
+    assert any("framewise displacement unknown" in note for note in out.steps[31].notes)
+    assert got[31].latency_ms >= MOTION_WAIT_S * 1000 * 0.99  # the wait is in its latency
 
 
 def test_wrong_motion_channel_count_is_rejected_and_the_engine_goes_on(model, session) -> None:
