@@ -296,6 +296,22 @@ async def test_a_volume_of_an_earlier_series_is_dropped_not_mixed(tmp_path):
     assert "runA_0003.nii" in stale.message
 
 
+@pytest.mark.parametrize("poll", [POLL, None], ids=["poll", "events"])
+async def test_recursive_finds_series_folders_made_during_the_run(tmp_path, poll):
+    """GE-style layout: each series gets its own sub-folder, created while watching."""
+    async with VolumeWatcher(tmp_path, poll=poll, recursive=True) as watcher:
+        stream = watcher.volumes()
+        await asyncio.sleep(2 * POLL)
+        got = []
+        for run in ("s001", "s002"):
+            (tmp_path / run).mkdir()
+            for i in (0, 1):
+                put_by_rename(tmp_path / run, name(i), volume_bytes(i))
+                got += await take(stream, 1)
+    assert [(a.segment, a.volume.index) for a in got] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert Path(got[2].path).parent.name == "s002"
+
+
 def test_bad_folder_is_a_clear_error(tmp_path):
     with pytest.raises(NotADirectoryError, match="expected an existing folder"):
         VolumeWatcher(tmp_path / "not_there")
