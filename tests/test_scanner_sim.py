@@ -271,8 +271,33 @@ def test_ge_slices_read_back_through_nibabel(tmp_path: Path, session, oblique: f
     np.testing.assert_allclose(RAS_TO_LPS @ wrappers[0].affine, r.affine, atol=1e-4)
 
 
+@pytest.mark.parametrize("oblique", [0.0, 15.0])
+def test_enhanced_multiframe_reads_back_through_nibabel(
+    tmp_path: Path, session, oblique: float
+) -> None:
+    import pydicom
+
+    r = sim.prepare(session, sim.SimSettings(fmt="dicom-enhanced", volumes=4, oblique_deg=oblique))
+    paths, data = _write(tmp_path, r, 4)
+    assert [p.name for p in paths] == ["series001_vol_00004.dcm"]
+    ds = pydicom.dcmread(paths[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert (ds.NumberOfFrames, ds.AcquisitionNumber) == (36, 4)
+    timing = ds.SharedFunctionalGroupsSequence[0].MRTimingAndRelatedParametersSequence[0]
+    assert float(timing.RepetitionTime) == pytest.approx(r.tr * 1000.0)
+    frames = ds.PerFrameFunctionalGroupsSequence
+    assert [f.FrameContentSequence[0].InStackPositionNumber for f in frames] == list(range(1, 37))
+    wrapper = _dicomwrappers().wrapper_from_data(ds)
+    assert wrapper.is_multiframe
+    got = wrapper.get_data()
+    assert got.shape == data.shape
+    np.testing.assert_allclose(got, data, atol=1e-4)
+    np.testing.assert_allclose(RAS_TO_LPS @ wrapper.affine, r.affine, atol=1e-4)
+
+
 def test_every_format_stores_the_same_voxels(rehearsal, tmp_path: Path) -> None:
-    """One rehearsal, four formats: the readers see one array (formats differ in bytes only)."""
+    """One rehearsal, five formats: the readers see one array (formats differ in bytes only)."""
     import nibabel as nib
     import pydicom
 
@@ -284,7 +309,7 @@ def test_every_format_stores_the_same_voxels(rehearsal, tmp_path: Path) -> None:
         paths, _ = _write(folder, _with_format(rehearsal, fmt), 4)
         if fmt.startswith("nifti"):
             got[fmt] = nib.load(paths[0]).get_fdata(dtype=np.float32)
-        elif fmt == "dicom":
+        elif fmt in ("dicom", "dicom-enhanced"):
             got[fmt] = _dicomwrappers().wrapper_from_data(pydicom.dcmread(paths[0])).get_data()
         else:
             ws = [_dicomwrappers().wrapper_from_data(pydicom.dcmread(p)) for p in paths]

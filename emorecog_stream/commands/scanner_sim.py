@@ -13,7 +13,7 @@ from pathlib import Path
 
 from emorecog_stream.cli import UsageError
 
-_FORMATS = ("nifti", "nifti-gz", "dicom", "dicom-slices")
+_FORMATS = ("nifti", "nifti-gz", "dicom", "dicom-slices", "dicom-enhanced")
 _GRIDS = ("3mm", "2mm")
 _MOTIONS = ("none", "default", "strong")
 
@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=_FORMATS,
         default="nifti",
         help="nifti (one .nii per volume), nifti-gz, dicom (Siemens-style mosaic, one file per"
-        " volume) or dicom-slices (GE-style, one file per slice) (default: %(default)s)",
+        " volume), dicom-slices (GE-style, one file per slice) or dicom-enhanced (enhanced MR"
+        " multi-frame, one file per volume) (default: %(default)s)",
     )
     parser.add_argument(
         "--grid",

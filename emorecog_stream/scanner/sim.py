@@ -66,9 +66,10 @@ GENERATOR = "emorecog_stream.scanner.sim"
 GENERATOR_VERSION = 1
 """Bumped whenever the phantom, atlas, motion or noise model changes."""
 
-FORMATS: tuple[str, ...] = ("nifti", "nifti-gz", "dicom", "dicom-slices")
+FORMATS: tuple[str, ...] = ("nifti", "nifti-gz", "dicom", "dicom-slices", "dicom-enhanced")
 """``dicom`` is a Siemens-style mosaic (one file per volume, CSA header); ``dicom-slices`` is
-GE-style (one file per slice)."""
+GE-style (one file per slice); ``dicom-enhanced`` is an Enhanced MR multi-frame file per
+volume (one frame per slice), as Philips and Siemens XA consoles write."""
 
 MOTION_KINDS: tuple[str, ...] = ("none", "default", "strong")
 
@@ -686,6 +687,7 @@ FILE_PATTERNS: dict[str, str] = {
     "nifti-gz": "series{series:03d}_vol_{index:05d}.nii.gz",
     "dicom": "001_{series:06d}_{index:06d}.dcm",
     "dicom-slices": "series{series:03d}_vol_{index:05d}_slice_{slice:03d}.dcm",
+    "dicom-enhanced": "series{series:03d}_vol_{index:05d}.dcm",
 }
 """Names in the export folder. ``dicom`` follows the Siemens real-time export pattern that pyneal
 matches; readers should still take series and volume from the headers."""
@@ -765,19 +767,26 @@ def _ds(value: float) -> str:
 
 
 def _base_dataset(
-    ctx: _DicomContext, index: int, manufacturer: str, image_type: list[str], sop_uid: str
+    ctx: _DicomContext,
+    index: int,
+    manufacturer: str,
+    image_type: list[str],
+    sop_uid: str,
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
 ) -> Any:
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    enhanced = sop_class == ENHANCED_MR_STORAGE
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = MRImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = ctx.study_uid
     ds.SeriesInstanceUID = ctx.series_uid
@@ -792,24 +801,106 @@ def _base_dataset(
     ds.SeriesDescription = "scanner-sim EPI rehearsal"
     ds.AcquisitionNumber = index
     ds.ImageType = image_type
-    ds.ScanningSequence = "EP"
-    ds.SequenceVariant = "SK"
     ds.MRAcquisitionType = "2D"
-    ds.RepetitionTime = _ds(ctx.tr * 1000.0)
-    ds.EchoTime = "30"
     ds.MagneticFieldStrength = "3"
-    ds.FlipAngle = "75"
-    ds.NumberOfTemporalPositions = ctx.n_volumes
-    ds.TemporalPositionIdentifier = index
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
+    if enhanced:
+        return ds  # timing and scaling live in the functional groups
+    ds.ScanningSequence = "EP"
+    ds.SequenceVariant = "SK"
+    ds.RepetitionTime = _ds(ctx.tr * 1000.0)
+    ds.EchoTime = "30"
+    ds.FlipAngle = "75"
+    ds.NumberOfTemporalPositions = ctx.n_volumes
+    ds.TemporalPositionIdentifier = index
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = _ds(INTENSITY_STEP)
     ds.RescaleType = "US"
+    return ds
+
+
+ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def enhanced_dataset(
+    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, sop_uid: str
+) -> Any:
+    """One volume as an Enhanced MR image: one frame per slice, geometry in functional groups.
+
+    Frames are stored in position order. nibabel 5.4's ``MultiframeWrapper`` takes the slice
+    spacing from the first two frames indexed by their position ranks, which is wrong when
+    frames come in acquisition (interleaved) order: such a file would read with the wrong
+    voxel size.
+    """
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    rows, cols, n_slices = data.shape
+    iop, spacing, slice_step, origin = _geometry(affine)
+    thickness = float(np.linalg.norm(slice_step))
+    ds = _base_dataset(
+        ctx, index, "SIEMENS", ["ORIGINAL", "PRIMARY", "M", "NONE"], sop_uid, ENHANCED_MR_STORAGE
+    )
+    ds.InstanceNumber = index
+    ds.ContentQualification = "PRODUCT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = n_slices
+    ds.DimensionOrganizationUID = _uid(0, 99)
+    organisation = Dataset()
+    organisation.DimensionOrganizationUID = ds.DimensionOrganizationUID
+    ds.DimensionOrganizationSequence = Sequence([organisation])
+    dims = []
+    for keyword in ("StackID", "InStackPositionNumber"):
+        dim = Dataset()
+        dim.DimensionOrganizationUID = ds.DimensionOrganizationUID
+        dim.DimensionIndexPointer = tag_for_keyword(keyword)
+        dim.FunctionalGroupPointer = tag_for_keyword("FrameContentSequence")
+        dims.append(dim)
+    ds.DimensionIndexSequence = Sequence(dims)
+
+    measures = Dataset()
+    measures.PixelSpacing = [_ds(v) for v in spacing]
+    measures.SliceThickness = _ds(thickness)
+    measures.SpacingBetweenSlices = _ds(thickness)
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [_ds(v) for v in iop]
+    scaling = Dataset()
+    scaling.RescaleIntercept = "0"
+    scaling.RescaleSlope = _ds(INTENSITY_STEP)
+    scaling.RescaleType = "US"
+    timing = Dataset()
+    timing.RepetitionTime = ctx.tr * 1000.0
+    timing.FlipAngle = 75.0
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelValueTransformationSequence = Sequence([scaling])
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    frames = []
+    for k in range(n_slices):
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.TemporalPositionIndex = index
+        content.DimensionIndexValues = [1, k + 1]
+        position = Dataset()
+        position.ImagePositionPatient = [_ds(v) for v in origin + k * slice_step]
+        frame = Dataset()
+        frame.FrameContentSequence = Sequence([content])
+        frame.PlanePositionSequence = Sequence([position])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    pixels = _pixels(data)
+    ds.PixelData = np.ascontiguousarray(np.moveaxis(pixels, 2, 0)).tobytes()
     return ds
 
 
@@ -953,9 +1044,10 @@ def iter_volume_files(
         n_volumes=rehearsal.volumes_per_series,
         tr=rehearsal.tr,
     )
-    if fmt == "dicom":
+    if fmt in ("dicom", "dicom-enhanced"):
         uid = _uid(seed, info.series, info.index)
-        yield names[0], _dicom_bytes(mosaic_dataset(data, rehearsal.affine, ctx, info.index, uid))
+        make = mosaic_dataset if fmt == "dicom" else enhanced_dataset
+        yield names[0], _dicom_bytes(make(data, rehearsal.affine, ctx, info.index, uid))
         return
     for name, k in zip(names, slice_acquisition_order(data.shape[2]), strict=True):
         uid = _uid(seed, info.series, info.index, k + 1)
