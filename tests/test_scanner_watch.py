@@ -312,6 +312,19 @@ async def test_recursive_finds_series_folders_made_during_the_run(tmp_path, poll
     assert Path(got[2].path).parent.name == "s002"
 
 
+async def test_tr_unit_mistake_is_announced_once_per_series(tmp_path):
+    """nibabel's real example4d.nii.gz says TR 2000 "sec": read as 2 s, and said so."""
+    events: list[WatchEvent] = []
+    async with VolumeWatcher(tmp_path, poll=POLL, on_event=events.append) as watcher:
+        stream = watcher.volumes()
+        put_by_rename(tmp_path, "example4d.nii.gz", (Path(data_path) / "example4d.nii.gz")
+                      .read_bytes())
+        got = await take(stream, 2)
+    assert [a.volume.tr for a in got] == [pytest.approx(2.0)] * 2
+    units = [e for e in events if e.kind == "tr_units"]
+    assert len(units) == 1 and "example4d.nii.gz" in units[0].message
+
+
 def test_bad_folder_is_a_clear_error(tmp_path):
     with pytest.raises(NotADirectoryError, match="expected an existing folder"):
         VolumeWatcher(tmp_path / "not_there")
