@@ -109,9 +109,13 @@ class EngineCounters:
     model_errors: int = 0
     deadline_steps: int = 0
     markers: int = 0
+    rejected_volumes: int = 0  # fMRI volumes not after the previous one (repeated, clock back)
     motion_flagged: int = 0  # predictions flagged "motion" (FD above the threshold)
     motion_missing: int = 0  # steps ready before their motion sample (FD unknown)
 
+
+#: Seconds (LSL clock) a sample may be stamped ahead of its arrival before it is refused.
+FUTURE_TOLERANCE_S = 5.0
 
 #: Engine seconds a finished step waits for its volume's motion sample before it is published
 #: with ``motion_missing``. The bridge pushes motion first, so the wait is normally zero; it
@@ -199,6 +203,7 @@ class Engine:
         self.status = EngineStatus("starting", "waiting for the fMRI stream")
         self._input_errors: dict[Role, str] = {}
         self._output_problems: dict[str, str] = {}  # e.g. the session log cannot be written
+        self._last_volume = -math.inf  # LSL timestamp of the last fMRI volume taken
         self.start_note = ""  # said in the `starting` status, e.g. a restart after a crash
         self._sequence = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -308,8 +313,14 @@ class Engine:
         if role is Role.MARKERS:
             self._markers(data, timestamps)
             return []
+        note = ""  # part of the chunk was left out: said in the status with the rest kept
         try:
             values, stamps = self._check_chunk(role, data, timestamps)
+            self._check_clock(role, stamps, received)
+            if role is Role.FMRI and stamps.size:
+                values, stamps, note = self._new_volumes(values, stamps)
+            elif role in (Role.PPG, Role.RESP):
+                self._check_physio_rate(role, stamps)
         except InputError as exc:
             self.counters.rejected_chunks += 1
             self._input_errors[role] = str(exc)
@@ -320,6 +331,8 @@ class Engine:
         if stamps.size == 0:
             return []
         self._input_errors.pop(role, None)
+        if note:
+            self._input_errors[role] = note
         self.counters.samples[role.value] = self.counters.samples.get(role.value, 0) + len(stamps)
         monitor = self.telemetry.monitors.get(role.value)
         if monitor is not None:
@@ -347,6 +360,67 @@ class Engine:
         predictions = self._poll(ready_at=received)
         self._reschedule()
         return predictions
+
+    def _check_clock(self, role: Role, stamps: np.ndarray, received: float) -> None:
+        """Samples stamped ahead of this machine's clock cannot be real (LSL corrects each
+        sender's clock offset): a sender whose clock jumped forward. Without this check its
+        volumes would wait an hour for their deadline, with the status still `online`."""
+        if stamps.size and float(stamps.max()) > received + FUTURE_TOLERANCE_S:
+            ahead = float(stamps.max()) - received
+            raise InputError(
+                f"{label_of(role)} chunk rejected: timestamps {ahead:.0f} s ahead of this"
+                " machine's clock (the sender's clock jumped?)"
+            )
+
+    def _new_volumes(
+        self, values: np.ndarray, stamps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Only volumes stamped after the last one taken: a volume sent twice (a duplicated or
+        overlapping chunk) or a sender clock that went back (LSL's monotonize then repeats the
+        last timestamp) would otherwise be predicted twice or silently dropped."""
+        last = self._last_volume
+        keep = np.empty(stamps.size, dtype=bool)
+        for i, t in enumerate(stamps.tolist()):
+            keep[i] = t > last
+            last = max(last, t)
+        note = ""
+        if not keep.all():
+            first_bad = float(stamps[~keep][0])
+            note = (
+                f"fMRI volume at {first_bad:.3f} s not after the previous one"
+                f" ({self._last_volume if keep[0] else first_bad:.3f} s): a repeated volume or"
+                " the sender's clock went back; not predicted again"
+            )
+            self.counters.rejected_volumes += int((~keep).sum())
+            if not keep.any():
+                raise InputError(note)
+            log.warning("%s", note)
+        self._last_volume = last
+        return values[keep], stamps[keep], note
+
+    def _check_physio_rate(self, role: Role, stamps: np.ndarray) -> None:
+        """Samples spaced for another rate than the one their rate tracker uses are refused.
+
+        Why: liblsl reconnects a sender that restarts with another sampling rate (same source_id)
+        without a word, and it dejitters the timestamps of a chunk sent twice or overlapping the
+        previous one into a faster stream. Either way the samples no longer fit the band-pass and
+        windows of the tracker: the rate they would give could be wrong while looking valid. So
+        a chunk (8 samples or more) whose timestamp spacing is more than 10 % off is rejected,
+        counted and named in the status (the rate is then missing), never used."""
+        if stamps.size < 8 or not srate_known(self.aligner, role):
+            return
+        fs = self.aligner.config.ppg_srate if role is Role.PPG else self.aligner.config.resp_srate
+        spacing = float(np.median(np.diff(stamps))) * self.time_scale  # engine seconds
+        if fs is None or not spacing > 0:
+            return
+        seen = 1.0 / spacing
+        if abs(seen - fs) > 0.1 * fs:
+            rates = " and ".join(r.replace("_", " ") for r in ROLE_RATES[role])
+            raise InputError(
+                f"{label_of(role)} chunk rejected: samples spaced for {seen:.4g} Hz, not the"
+                f" {fs:g} Hz in use (the sender restarted with another rate, or duplicated or"
+                f" overlapping chunks): {rates} not computed from them"
+            )
 
     def _markers(self, data: Any, timestamps: Any) -> None:
         """Trial markers are not model input; outputs with ``on_marker`` (the audit log) get
@@ -629,6 +703,8 @@ class Engine:
             errors = "; ".join(problems)
             reason = f"{status.reason}; {errors}" if status.reason else errors
             status = EngineStatus("degraded", reason, status.missing, status.stalled)
+        elif problems and status.state == "paused":  # e.g. every volume refused: say why
+            status = replace(status, reason=f"{status.reason}; {'; '.join(problems)}")
         elif status.state == "starting" and self.start_note:
             status = replace(status, reason=f"{self.start_note}; {status.reason}")
         if status != self.status:

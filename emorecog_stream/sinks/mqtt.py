@@ -82,15 +82,22 @@ class _StaleSocketFilter(logging.Filter):
     When the broker vanishes, paho asks aiomqtt to watch the (already closed) socket for
     writability; asyncio then logs "Exception in callback ...add_writer" with EBADF. The
     publisher already reports the lost connection in ``last_error``, so that traceback only
-    alarms users. Nothing else from the ``asyncio`` logger is touched.
+    alarms users. Likewise "Future exception was never retrieved" for aiomqtt's own publish
+    futures, failed with "Unexpected disconnection" after the publisher had given up on them
+    (a broker that hung: seen after SIGSTOP/SIGCONT). Nothing else from the ``asyncio``
+    logger is touched.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        stale = isinstance(exc, OSError) and exc.errno == errno.EBADF
-        return not (
-            stale and "add_writer" in str(record.msg % record.args if record.args else record.msg)
+        text = str(record.msg % record.args if record.args else record.msg)
+        stale = isinstance(exc, OSError) and exc.errno == errno.EBADF and "add_writer" in text
+        orphan = (
+            exc is not None
+            and type(exc).__module__.startswith("aiomqtt")
+            and text.startswith("Future exception was never retrieved")
         )
+        return not (stale or orphan)
 
 
 _STALE_SOCKET_FILTER = _StaleSocketFilter()
