@@ -25,12 +25,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pylsl
 import pytest
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.replay import Replayer
 from emorecog_stream.sinks.jsonl import read_log
-from emorecog_stream.streams import Role
+from emorecog_stream.streams import N_ROIS, Role
 from tests.plugins.lsl import make_session
 from tests.plugins.mqtt_broker import find_mosquitto
 
@@ -258,12 +260,13 @@ def test_broker_frozen_30_s_then_resumed_delivers_everything_in_order(
         broker._proc.send_signal(signal.SIGCONT)
     # the backlog is on the headless lines, and the log says why the connection went
     assert re.search(r"mqtt \w+ \(queued \d+\)", during), during[-2000:]
-    assert "publish failed" in during or "lost" in during or "cannot reach" in during
+    assert "publish failed: Operation timed out" in during, during[-2000:]
     n_before = len(predictions_logged(log))
     assert sub.wait_for(lambda _: len(first_receipts(sub)) >= n_before, 60)
     engine.stop(signal.SIGINT)
     summary = summary_of(engine)
     assert "unsent 0, dropped 0" in summary
+    assert "Traceback" not in engine.output  # the lost connection is said once, in words
     assert_delivered_once_in_order(sub, log)
 
 
@@ -532,3 +535,254 @@ def test_unwritable_log_at_start_is_an_error_before_the_session_begins(
     assert full.proc.wait(60) == 2
     full.kill()
     assert "cannot write to session log" in full.output and "looking for" not in full.output
+
+
+# --------------------------------------------------------------------------- LSL senders
+
+HR_BPM = 72.0  # the PPG a Sender pushes: a 1.2 Hz pulse
+
+
+class Sender:
+    """fMRI (TR 1 s), PPG and respiration as a live setup would push them, sped up ``SPEED``
+    times, from this process's own pylsl outlets with explicit timestamps, so a test can change
+    what a real sender would: restart an outlet with other settings, jump its clock, repeat or
+    overlap chunks. Pushes in 20 ms wall ticks on a thread; ``faults`` hooks run each tick."""
+
+    def __init__(self, tag: str, *, ppg_rate: float = 400.0) -> None:
+        self.tag = tag
+        self.ppg_rate = ppg_rate
+        self.ppg_channels = 1
+        self.outlets: dict[Role, pylsl.StreamOutlet] = {}
+        self.clock_offset = 0.0  # added to every timestamp pushed (a sender's clock jump)
+        self.repeat_volumes = False  # push every volume twice (same timestamp)
+        self.overlap_ppg = False  # each PPG chunk also re-sends the previous one's samples
+        self.volumes = 0
+        self._rng = np.random.default_rng(0)
+        for role, channels, rate in (
+            (Role.FMRI, N_ROIS, 1.0),
+            (Role.PPG, 1, ppg_rate),
+            (Role.RESP, 1, 50.0),
+        ):
+            self.open_outlet(role, channels, rate)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.t0 = 0.0
+        self._next = {Role.FMRI: 0, Role.PPG: 0, Role.RESP: 0}  # next sample index per role
+        self._prev_ppg: tuple[np.ndarray, np.ndarray] | None = None
+
+    def open_outlet(self, role: Role, channels: int, rate: float) -> None:
+        name, type_, source_id = stream_identity(role, self.tag)
+        info = pylsl.StreamInfo(name, type_, channels, rate * SPEED, pylsl.cf_float32, source_id)
+        self.outlets[role] = pylsl.StreamOutlet(info)
+
+    def restart_ppg(self, *, rate: float | None = None, channels: int | None = None) -> None:
+        """The PPG sender restarts (same name and source_id) with another rate or channel
+        count; its sample clock starts again at the current session time."""
+        del self.outlets[Role.PPG]
+        time.sleep(0.5)
+        self.ppg_rate = rate or self.ppg_rate
+        self.ppg_channels = channels or self.ppg_channels
+        self.open_outlet(Role.PPG, self.ppg_channels, self.ppg_rate)
+        self._next[Role.PPG] = int(np.ceil(self.session_now() * self.ppg_rate))
+        self._prev_ppg = None
+
+    def session_now(self) -> float:
+        return (pylsl.local_clock() - self.t0) * SPEED
+
+    def start(self) -> None:
+        self.t0 = pylsl.local_clock() + 0.2
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def lsl_time(self, session_t: np.ndarray | float) -> Any:
+        return self.t0 + np.asarray(session_t) / SPEED + self.clock_offset
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self.session_now()
+            if now >= 0:
+                self._push_fmri(now)
+                self._push_ppg(now)
+                self._push_resp(now)
+            time.sleep(0.02)
+
+    def _push_fmri(self, now: float) -> None:
+        while self._next[Role.FMRI] <= now:
+            k = self._next[Role.FMRI]
+            volume = self._rng.standard_normal(N_ROIS).astype(np.float32)
+            stamp = float(self.lsl_time(k))
+            self.outlets[Role.FMRI].push_sample(volume.tolist(), stamp)
+            if self.repeat_volumes:
+                self.outlets[Role.FMRI].push_sample(volume.tolist(), stamp)
+            self._next[Role.FMRI] += 1
+            self.volumes += 1
+
+    def _push_ppg(self, now: float) -> None:
+        outlet = self.outlets.get(Role.PPG)
+        start, stop = self._next[Role.PPG], int(now * self.ppg_rate)
+        if stop <= start or outlet is None:  # None: restarting
+            return
+        t = np.arange(start, stop) / self.ppg_rate
+        wave = np.sin(2 * np.pi * HR_BPM / 60.0 * t) + 0.05 * self._rng.standard_normal(t.size)
+        data = np.repeat(wave[:, None], self.ppg_channels, axis=1).astype(np.float32)
+        stamps = self.lsl_time(t)
+        if self.overlap_ppg and self._prev_ppg is not None:
+            data = np.concatenate([self._prev_ppg[0], data])
+            stamps = np.concatenate([self._prev_ppg[1], stamps])
+        self._prev_ppg = (data[-t.size :], stamps[-t.size :])
+        outlet.push_chunk(data, stamps.tolist())
+        self._next[Role.PPG] = stop
+
+    def _push_resp(self, now: float) -> None:
+        start, stop = self._next[Role.RESP], int(now * 50.0)
+        if stop <= start:
+            return
+        t = np.arange(start, stop) / 50.0
+        data = np.sin(2 * np.pi * 0.25 * t).astype(np.float32)[:, None]
+        self.outlets[Role.RESP].push_chunk(data, self.lsl_time(t).tolist())
+        self._next[Role.RESP] = stop
+
+
+@pytest.fixture
+def senders() -> Iterator[Callable[[str], Sender]]:
+    made: list[Sender] = []
+
+    def make(tag: str) -> Sender:
+        sender = Sender(tag)
+        made.append(sender)
+        return sender
+
+    yield make
+    for sender in made:
+        sender.stop()
+
+
+def start_on(sender: Sender, engine: EngineProcess) -> None:
+    """Start pushing once the engine's inlets are connected."""
+    for role in ROLES:
+        assert sender.outlets[role].wait_for_consumers(60.0), engine.output
+    sender.start()
+
+
+def assert_no_wrong_heart_rate(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every heart rate published as valid is the sender's (within 10 %); returns them."""
+    valid = [p for p in predictions if p["heart_rate_valid"]]
+    wrong = [p["heart_rate"] for p in valid if abs(p["heart_rate"] - HR_BPM) > 0.1 * HR_BPM]
+    assert not wrong, f"heart rates published as valid but wrong: {wrong[:10]}"
+    return valid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change", [{"rate": 500.0}, {"channels": 2}], ids=["other-rate", "other-channel-count"]
+)
+def test_sender_restarting_with_other_settings_is_detected_and_never_misread(
+    change: dict[str, float],
+    mqtt_broker: Any,
+    mqtt_collector: Any,
+    engines: Any,
+    senders: Any,
+    tmp_path: Path,
+) -> None:
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, mqtt_broker, session_id)
+    sender = senders(tag)
+    log = tmp_path / "session.jsonl"
+    engine = engines(
+        engine_config(tmp_path / "run.toml", session_id, tag), mqtt_broker.url, log=log
+    )
+    start_on(sender, engine)
+    # the heart rate is valid once its 15 s window is full (1.5 s at x10)
+    assert sub.wait_for(lambda _: any(p["heart_rate_valid"] for p in sub.json("prediction")), 30)
+    before = len(sub.json("prediction"))
+    sender.restart_ppg(**change)  # type: ignore[arg-type]
+    assert sub.wait_for(lambda _: len(sub.json("prediction")) >= before + 60, 30)
+    engine.stop(signal.SIGINT)
+    predictions = sub.unique_by_sequence()
+    assert_no_wrong_heart_rate(predictions)
+    reasons = " ".join(s["reason"] for s in sub.json("status"))
+    if "rate" in change:  # reconnected by LSL unseen: the timestamps' spacing gives it away
+        assert "samples spaced for 500 Hz, not the 400 Hz in use" in reasons, reasons
+    else:  # the inlet refuses the stream
+        assert "expected 1 channel, found 2" in reasons, reasons
+    # either way the heart rate is missing from then on (refused, never computed at 400 Hz)
+    assert not any(p["heart_rate_valid"] for p in predictions[before + 30 :])
+    assert "heart_rate_missing" in predictions[-1]["flags"]
+    after = predictions[before + 30 :]
+    assert after and all(p["category"] for p in after)  # predictions went on
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jump", [3600.0, -3600.0], ids=["forward", "back"])
+def test_sender_clock_jumping_an_hour_is_detected_and_never_published_as_good(
+    jump: float,
+    mqtt_broker: Any,
+    mqtt_collector: Any,
+    engines: Any,
+    senders: Any,
+    tmp_path: Path,
+) -> None:
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, mqtt_broker, session_id)
+    sender = senders(tag)
+    log = tmp_path / "session.jsonl"
+    engine = engines(
+        engine_config(tmp_path / "run.toml", session_id, tag), mqtt_broker.url, log=log
+    )
+    start_on(sender, engine)
+    assert sub.wait_for(lambda _: any(p["heart_rate_valid"] for p in sub.json("prediction")), 30)
+    before = len(sub.unique_by_sequence())
+    jumped_at = pylsl.local_clock()
+    sender.clock_offset = jump  # every stream of this sender: one machine's clock
+    time.sleep(4.0)  # 40 s of session time
+    engine.stop(signal.SIGINT)
+    predictions = sub.unique_by_sequence()
+    assert_no_wrong_heart_rate(predictions)
+    stamps = [p["volume_timestamp"] for p in predictions]
+    assert len(set(stamps)) == len(stamps), "a volume was predicted twice"
+    assert max(stamps) < jumped_at + 5.0, "a volume stamped by the jumped clock was predicted"
+    assert len(predictions) <= before + 5  # volumes in flight at the jump, nothing after
+    reasons = " ".join(s["reason"] for s in sub.json("status"))
+    if jump > 0:
+        assert "s ahead of this machine's clock (the sender's clock jumped?)" in reasons, reasons
+    else:  # liblsl's monotonize repeats the last timestamp: seen as volumes not after it
+        assert "not after the previous one" in reasons, reasons
+    assert any(s["state"] == "paused" for s in sub.json("status")[-3:])
+    rejected = int(re.search(r"(\d+) chunks rejected", summary_of(engine)).group(1))  # type: ignore[union-attr]
+    assert rejected >= 20
+
+
+@pytest.mark.slow
+def test_duplicated_and_overlapping_chunks_are_detected_and_never_counted_twice(
+    mqtt_broker: Any, mqtt_collector: Any, engines: Any, senders: Any, tmp_path: Path
+) -> None:
+    tag, session_id = new_ids()
+    sub = collector_for(mqtt_collector, mqtt_broker, session_id)
+    sender = senders(tag)
+    log = tmp_path / "session.jsonl"
+    engine = engines(
+        engine_config(tmp_path / "run.toml", session_id, tag), mqtt_broker.url, log=log
+    )
+    start_on(sender, engine)
+    assert sub.wait_for(lambda _: any(p["heart_rate_valid"] for p in sub.json("prediction")), 30)
+    before = len(sub.unique_by_sequence())
+    volumes_before = sender.volumes
+    sender.repeat_volumes = True
+    sender.overlap_ppg = True
+    time.sleep(4.0)
+    volumes = sender.volumes - volumes_before
+    engine.stop(signal.SIGINT)
+    predictions = sub.unique_by_sequence()
+    after = predictions[before:]
+    assert len(after) >= 0.7 * volumes, "each volume sent twice should still be predicted once"
+    stamps = [p["volume_timestamp"] for p in predictions]
+    assert len(set(stamps)) == len(stamps), "a volume was predicted twice"
+    assert_no_wrong_heart_rate(predictions)
+    reasons = " ".join(s["reason"] for s in sub.json("status"))
+    assert "a repeated volume or the sender's clock went back" in reasons, reasons
+    assert "duplicated or overlapping chunks" in reasons, reasons
