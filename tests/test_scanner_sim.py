@@ -460,3 +460,14 @@ def test_ge_slices_land_one_by_one_over_the_tr(tmp_path: Path, session) -> None:
     assert landed[-1] - landed[0] > 0.1
     assert last.written_at >= last.due_at - 1e-3
     assert not list(tmp_path.glob(".*.part"))
+
+
+def test_unknown_format_is_named() -> None:
+    from emorecog_stream.scanner import sim_files
+
+    with pytest.raises(ValueError, match=r"expected one of nifti, .* got 'minc'"):
+        next(
+            sim_files.volume_files(
+                "minc", np.zeros((8, 8, 8)), np.eye(4), tr=1.0, series=1, index=1, n_volumes=1
+            )
+        )

@@ -42,11 +42,8 @@ so session time 0 (the session's own clock, where its physiology and markers liv
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +54,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emorecog_stream.scanner import rigid
+from emorecog_stream.scanner.sim_files import (
+    FILE_PATTERNS,
+    FORMATS,
+    INTENSITY_STEP,
+    file_names,
+    quantise,
+    volume_files,
+)
 from emorecog_stream.streams import N_ROIS, roi_labels
 
 if TYPE_CHECKING:
@@ -66,11 +71,6 @@ GENERATOR = "emorecog_stream.scanner.sim"
 GENERATOR_VERSION = 1
 """Bumped whenever the phantom, atlas, motion or noise model changes."""
 
-FORMATS: tuple[str, ...] = ("nifti", "nifti-gz", "dicom", "dicom-slices", "dicom-enhanced")
-"""``dicom`` is a Siemens-style mosaic (one file per volume, CSA header); ``dicom-slices`` is
-GE-style (one file per slice); ``dicom-enhanced`` is an Enhanced MR multi-frame file per
-volume (one frame per slice), as Philips and Siemens XA consoles write."""
-
 MOTION_KINDS: tuple[str, ...] = ("none", "default", "strong")
 
 GRIDS: dict[str, tuple[tuple[int, int, int], float]] = {
@@ -78,9 +78,6 @@ GRIDS: dict[str, tuple[tuple[int, int, int], float]] = {
     "2mm": ((104, 104, 72), 2.0),
 }
 """Single-band EPI (64x64x36 at 3 mm) and HCP-style multiband EPI (104x104x72 at 2 mm)."""
-
-INTENSITY_STEP = 0.01
-"""Quantum of stored voxel values (DICOM RescaleSlope): 1e-4 of the tissue mean, far below noise."""
 
 EXPORT_DIR = "export"
 """Sub-folder of a rehearsal that holds the volumes (atlas and truth stay beside it, so a
@@ -673,347 +670,6 @@ def prepare(
     )
 
 
-def quantise(data: np.ndarray) -> np.ndarray:
-    """Values on the :data:`INTENSITY_STEP` grid, non-negative, as every format stores them."""
-    steps = np.clip(np.rint(np.asarray(data, dtype=np.float64) / INTENSITY_STEP), 0, 65535)
-    return (steps * INTENSITY_STEP).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# File formats
-
-FILE_PATTERNS: dict[str, str] = {
-    "nifti": "series{series:03d}_vol_{index:05d}.nii",
-    "nifti-gz": "series{series:03d}_vol_{index:05d}.nii.gz",
-    "dicom": "001_{series:06d}_{index:06d}.dcm",
-    "dicom-slices": "series{series:03d}_vol_{index:05d}_slice_{slice:03d}.dcm",
-    "dicom-enhanced": "series{series:03d}_vol_{index:05d}.dcm",
-}
-"""Names in the export folder. ``dicom`` follows the Siemens real-time export pattern that pyneal
-matches; readers should still take series and volume from the headers."""
-
-
-def file_names(fmt: str, series: int, index: int, n_slices: int) -> list[str]:
-    """The file(s) of one volume, in the order they are written (slices: interleaved)."""
-    pattern = FILE_PATTERNS[fmt]
-    if fmt != "dicom-slices":
-        return [pattern.format(series=series, index=index)]
-    return [
-        pattern.format(series=series, index=index, slice=k + 1)
-        for k in slice_acquisition_order(n_slices)
-    ]
-
-
-def slice_acquisition_order(n_slices: int) -> list[int]:
-    """Interleaved ascending (0, 2, 4, ..., 1, 3, ...), the usual single-band EPI order."""
-    return list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
-
-
-def nifti_bytes(
-    data: np.ndarray, affine: np.ndarray, tr: float, series: int, index: int, gz: bool = False
-) -> bytes:
-    """One 3-D NIfTI-1 volume (float32, sform = qform = affine, TR in pixdim[4])."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    hdr = img.header
-    hdr.set_xyzt_units("mm", "sec")
-    hdr.set_sform(affine, code=1)
-    hdr.set_qform(affine, code=1)
-    hdr["pixdim"][4] = tr
-    hdr["descrip"] = f"scanner-sim series={series} volume={index} tr={tr:g}".encode()[:79]
-    raw = img.to_bytes()
-    return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
-
-
-@dataclass(frozen=True)
-class _DicomContext:
-    """Identifiers shared by every file of one series."""
-
-    study_uid: str
-    series_uid: str
-    frame_uid: str
-    series: int
-    n_volumes: int
-    tr: float
-
-
-def _lps(affine: np.ndarray) -> np.ndarray:
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
-
-
-def _geometry(affine: np.ndarray) -> tuple[list[float], list[float], np.ndarray, np.ndarray]:
-    """ImageOrientationPatient, PixelSpacing, slice step (LPS) and voxel-0 position (LPS).
-
-    nibabel's DICOM wrappers return the pixel array as (rows, columns): rows step along the
-    second IOP vector by PixelSpacing[0], columns along the first by PixelSpacing[1]. Our
-    array axis 0 is therefore DICOM's row index, axis 1 its column index.
-    """
-    lps = _lps(affine)
-    sizes = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    unit = lps[:3, :3] / sizes
-    iop = [float(v) for v in np.concatenate([unit[:, 1], unit[:, 0]])]
-    spacing = [float(sizes[0]), float(sizes[1])]
-    return iop, spacing, lps[:3, 2], lps[:3, 3]
-
-
-def _ds(value: float) -> str:
-    """A DICOM decimal string (<= 16 characters) that keeps as many digits as fit."""
-    for digits in range(10, 0, -1):
-        text = f"{value:.{digits}g}"
-        if len(text) <= 16:
-            return text
-    raise ValueError(value)
-
-
-def _base_dataset(
-    ctx: _DicomContext,
-    index: int,
-    manufacturer: str,
-    image_type: list[str],
-    sop_uid: str,
-    sop_class: str = "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-) -> Any:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-
-    enhanced = sop_class == ENHANCED_MR_STORAGE
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = ctx.study_uid
-    ds.SeriesInstanceUID = ctx.series_uid
-    ds.FrameOfReferenceUID = ctx.frame_uid
-    ds.Modality = "MR"
-    ds.Manufacturer = manufacturer
-    ds.ManufacturerModelName = "emorecog-stream scanner-sim"
-    ds.PatientName = "Rehearsal^Phantom"
-    ds.PatientID = "SCANNER-SIM"
-    ds.StudyID = "1"
-    ds.SeriesNumber = ctx.series
-    ds.SeriesDescription = "scanner-sim EPI rehearsal"
-    ds.AcquisitionNumber = index
-    ds.ImageType = image_type
-    ds.MRAcquisitionType = "2D"
-    ds.MagneticFieldStrength = "3"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    if enhanced:
-        return ds  # timing and scaling live in the functional groups
-    ds.ScanningSequence = "EP"
-    ds.SequenceVariant = "SK"
-    ds.RepetitionTime = _ds(ctx.tr * 1000.0)
-    ds.EchoTime = "30"
-    ds.FlipAngle = "75"
-    ds.NumberOfTemporalPositions = ctx.n_volumes
-    ds.TemporalPositionIdentifier = index
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = _ds(INTENSITY_STEP)
-    ds.RescaleType = "US"
-    return ds
-
-
-ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-
-
-def enhanced_dataset(
-    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, sop_uid: str
-) -> Any:
-    """One volume as an Enhanced MR image: one frame per slice, geometry in functional groups.
-
-    Frames are stored in position order. nibabel 5.4's ``MultiframeWrapper`` takes the slice
-    spacing from the first two frames indexed by their position ranks, which is wrong when
-    frames come in acquisition (interleaved) order: such a file would read with the wrong
-    voxel size.
-    """
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-
-    rows, cols, n_slices = data.shape
-    iop, spacing, slice_step, origin = _geometry(affine)
-    thickness = float(np.linalg.norm(slice_step))
-    ds = _base_dataset(
-        ctx, index, "SIEMENS", ["ORIGINAL", "PRIMARY", "M", "NONE"], sop_uid, ENHANCED_MR_STORAGE
-    )
-    ds.InstanceNumber = index
-    ds.ContentQualification = "PRODUCT"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    ds.Rows, ds.Columns = rows, cols
-    ds.NumberOfFrames = n_slices
-    ds.DimensionOrganizationUID = _uid(0, 99)
-    organisation = Dataset()
-    organisation.DimensionOrganizationUID = ds.DimensionOrganizationUID
-    ds.DimensionOrganizationSequence = Sequence([organisation])
-    dims = []
-    for keyword in ("StackID", "InStackPositionNumber"):
-        dim = Dataset()
-        dim.DimensionOrganizationUID = ds.DimensionOrganizationUID
-        dim.DimensionIndexPointer = tag_for_keyword(keyword)
-        dim.FunctionalGroupPointer = tag_for_keyword("FrameContentSequence")
-        dims.append(dim)
-    ds.DimensionIndexSequence = Sequence(dims)
-
-    measures = Dataset()
-    measures.PixelSpacing = [_ds(v) for v in spacing]
-    measures.SliceThickness = _ds(thickness)
-    measures.SpacingBetweenSlices = _ds(thickness)
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [_ds(v) for v in iop]
-    scaling = Dataset()
-    scaling.RescaleIntercept = "0"
-    scaling.RescaleSlope = _ds(INTENSITY_STEP)
-    scaling.RescaleType = "US"
-    timing = Dataset()
-    timing.RepetitionTime = ctx.tr * 1000.0
-    timing.FlipAngle = 75.0
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    shared.PixelValueTransformationSequence = Sequence([scaling])
-    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-
-    frames = []
-    for k in range(n_slices):
-        content = Dataset()
-        content.StackID = "1"
-        content.InStackPositionNumber = k + 1
-        content.TemporalPositionIndex = index
-        content.DimensionIndexValues = [1, k + 1]
-        position = Dataset()
-        position.ImagePositionPatient = [_ds(v) for v in origin + k * slice_step]
-        frame = Dataset()
-        frame.FrameContentSequence = Sequence([content])
-        frame.PlanePositionSequence = Sequence([position])
-        frames.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    pixels = _pixels(data)
-    ds.PixelData = np.ascontiguousarray(np.moveaxis(pixels, 2, 0)).tobytes()
-    return ds
-
-
-def _pixels(data: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(data, dtype=np.float64) / INTENSITY_STEP), 0, 65535).astype(
-        "<u2"
-    )
-
-
-def _dicom_bytes(ds: Any) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _csa_header(tags: list[tuple[str, str, list[str]]]) -> bytes:
-    """A Siemens CSA2 ("SV10") header holding ``(name, VR, values)`` tags.
-
-    The layout is the one nibabel's ``csareader`` and SPM read: a 16-byte preamble, then per
-    tag a 64-byte name, VM, a 4-byte VR, the syngo data type, the item count and a 77 marker;
-    each item is four int32 (length, length, 77, length) and its NUL-terminated text padded
-    to 4 bytes.
-    """
-    out = bytearray(b"SV10\x04\x03\x02\x01")
-    out += struct.pack("<2I", len(tags), 77)
-    for name, vr, values in tags:
-        n_items = max(6, len(values))
-        out += struct.pack(
-            "<64si4s3i", name.encode("ascii"), len(values), vr.encode("ascii"), 0, n_items, 77
-        )
-        for i in range(n_items):
-            text = (values[i].encode("ascii") + b"\x00") if i < len(values) else b""
-            out += struct.pack("<4i", len(text), len(text), 77, len(text))
-            out += text + b"\x00" * (-len(text) % 4)
-    return bytes(out)
-
-
-def mosaic_dataset(
-    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, sop_uid: str
-) -> Any:
-    """A Siemens-style mosaic: all slices tiled into one image, slice count in the CSA header."""
-    rows, cols, n_slices = data.shape
-    tiles = int(np.ceil(np.sqrt(n_slices)))
-    mosaic = np.zeros((tiles * rows, tiles * cols), dtype="<u2")
-    pixels = _pixels(data)
-    for k in range(n_slices):
-        br, bc = divmod(k, tiles)
-        mosaic[br * rows : (br + 1) * rows, bc * cols : (bc + 1) * cols] = pixels[:, :, k]
-    iop, spacing, slice_step, origin = _geometry(affine)
-    # Siemens puts ImagePositionPatient at the corner of the whole mosaic, not of slice 0;
-    # nibabel undoes that with the shift below, so we apply its inverse.
-    q = np.array(iop).reshape(2, 3).T[:, ::-1] * np.array(spacing)
-    fixes = (np.array([tiles * rows, tiles * cols]) - np.array([rows, cols])) / 2.0
-    ipp = origin - q @ fixes
-    thickness = float(np.linalg.norm(slice_step))
-    normal = slice_step / thickness
-    ds = _base_dataset(ctx, index, "SIEMENS", ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"], sop_uid)
-    ds.InstanceNumber = index
-    ds.ImagePositionPatient = [_ds(v) for v in ipp]
-    ds.ImageOrientationPatient = [_ds(v) for v in iop]
-    ds.PixelSpacing = [_ds(v) for v in spacing]
-    ds.SliceThickness = _ds(thickness)
-    ds.SpacingBetweenSlices = _ds(thickness)
-    ds.AcquisitionMatrix = [0, cols, rows, 0]
-    ds.Rows, ds.Columns = mosaic.shape
-    order = slice_acquisition_order(n_slices)
-    times = np.empty(n_slices)
-    times[order] = np.arange(n_slices) * ctx.tr * 1000.0 / n_slices
-    csa = _csa_header(
-        [
-            ("NumberOfImagesInMosaic", "US", [str(n_slices)]),
-            ("AcquisitionMatrixText", "SH", [f"{rows}p*{cols}"]),
-            ("SliceNormalVector", "FD", [f"{v:.8f}" for v in normal]),
-            ("MosaicRefAcqTimes", "FD", [f"{v:.8f}" for v in times]),
-        ]
-    )
-    block = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
-    block.add_new(0x10, "OB", csa)
-    ds.PixelData = mosaic.tobytes()
-    return ds
-
-
-def slice_dataset(
-    data: np.ndarray, affine: np.ndarray, ctx: _DicomContext, index: int, k: int, sop_uid: str
-) -> Any:
-    """GE-style: slice ``k`` of one volume as its own image."""
-    rows, cols, n_slices = data.shape
-    iop, spacing, slice_step, origin = _geometry(affine)
-    position = origin + k * slice_step
-    thickness = float(np.linalg.norm(slice_step))
-    ds = _base_dataset(ctx, index, "GE MEDICAL SYSTEMS", ["ORIGINAL", "PRIMARY", "EPI"], sop_uid)
-    ds.InstanceNumber = (index - 1) * n_slices + k + 1
-    ds.ImagesInAcquisition = n_slices
-    ds.InStackPositionNumber = k + 1
-    ds.ImagePositionPatient = [_ds(v) for v in position]
-    ds.ImageOrientationPatient = [_ds(v) for v in iop]
-    ds.SliceLocation = _ds(float(position @ (slice_step / thickness)))
-    ds.PixelSpacing = [_ds(v) for v in spacing]
-    ds.SliceThickness = _ds(thickness)
-    ds.SpacingBetweenSlices = _ds(thickness)
-    ds.Rows, ds.Columns = rows, cols
-    ds.PixelData = _pixels(data[:, :, k]).tobytes()
-    return ds
-
-
-def _uid(seed: int, *parts: int) -> str:
-    from pydicom.uid import generate_uid
-
-    return str(
-        generate_uid(entropy_srcs=["emorecog-scanner-sim", str(seed)] + [str(p) for p in parts])
-    )
-
-
 def encode_volume(
     rehearsal: Rehearsal, info: VolumeInfo, data: np.ndarray
 ) -> list[tuple[str, bytes]]:
@@ -1026,33 +682,16 @@ def iter_volume_files(
 ) -> Iterator[tuple[str, bytes]]:
     """Like :func:`encode_volume`, encoding each file only when it is asked for (so a writer
     can encode the next slice while it waits for that slice's time)."""
-    fmt = rehearsal.settings.fmt
-    names = rehearsal.file_names(info)
-    if fmt in ("nifti", "nifti-gz"):
-        gz = fmt == "nifti-gz"
-        yield (
-            names[0],
-            nifti_bytes(data, rehearsal.affine, rehearsal.tr, info.series, info.index, gz=gz),
-        )
-        return
-    seed = rehearsal.settings.seed
-    ctx = _DicomContext(
-        study_uid=_uid(seed, 0),
-        series_uid=_uid(seed, info.series),
-        frame_uid=_uid(seed, 0, 0),
-        series=info.series,
-        n_volumes=rehearsal.volumes_per_series,
+    return volume_files(
+        rehearsal.settings.fmt,
+        data,
+        rehearsal.affine,
         tr=rehearsal.tr,
+        series=info.series,
+        index=info.index,
+        n_volumes=rehearsal.volumes_per_series,
+        seed=rehearsal.settings.seed,
     )
-    if fmt in ("dicom", "dicom-enhanced"):
-        uid = _uid(seed, info.series, info.index)
-        make = mosaic_dataset if fmt == "dicom" else enhanced_dataset
-        yield names[0], _dicom_bytes(make(data, rehearsal.affine, ctx, info.index, uid))
-        return
-    for name, k in zip(names, slice_acquisition_order(data.shape[2]), strict=True):
-        uid = _uid(seed, info.series, info.index, k + 1)
-        ds = slice_dataset(data, rehearsal.affine, ctx, info.index, k, uid)
-        yield name, _dicom_bytes(ds)
 
 
 # --------------------------------------------------------------------------------------------
