@@ -471,3 +471,33 @@ def test_unknown_format_is_named() -> None:
                 "minc", np.zeros((8, 8, 8)), np.eye(4), tr=1.0, series=1, index=1, n_volumes=1
             )
         )
+
+
+@pytest.mark.parametrize("fmt", sim.FORMATS)
+def test_the_bridge_reader_reads_every_format_and_the_atlas(
+    tmp_path: Path, session, fmt: str
+) -> None:
+    """What the rehearsal writes is what the bridge's own reader and atlas loader accept."""
+    from emorecog_stream.scanner import atlas as atlas_module
+    from emorecog_stream.scanner import files
+
+    result = sim.simulate(
+        tmp_path,
+        session,
+        settings=sim.SimSettings(fmt=fmt, volumes=3, dummies=1, oblique_deg=8.0),
+        fast=True,
+    )
+    r = result.rehearsal
+    reader = files.VolumeReader()
+    volumes = []
+    for path in sorted(result.export_dir.iterdir()):
+        volumes.extend(reader.read(str(path)))
+    assert [v.index for v in volumes] == [0, 1, 2]
+    assert len({v.series for v in volumes}) == 1
+    labels = atlas_module.load_atlas(tmp_path / "atlas.nii.gz", tmp_path / "atlas_labels.txt")
+    assert labels.names[0] == "BN001" and labels.n_labels == N_ROIS
+    for n, volume in enumerate(volumes, start=1):
+        np.testing.assert_allclose(volume.data, r.volume(1, n), atol=1e-4)
+        np.testing.assert_allclose(volume.affine, r.affine, atol=1e-4)
+        assert volume.tr == pytest.approx(r.tr)
+        labels.check_grid(volume.data.shape, volume.affine, volume.source)
