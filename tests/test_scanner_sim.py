@@ -501,3 +501,24 @@ def test_the_bridge_reader_reads_every_format_and_the_atlas(
         np.testing.assert_allclose(volume.affine, r.affine, atol=1e-4)
         assert volume.tr == pytest.approx(r.tr)
         labels.check_grid(volume.data.shape, volume.affine, volume.source)
+
+
+def test_writer_waits_for_start_at_and_reports_a_failure(
+    tmp_path: Path, session, monkeypatch
+) -> None:
+    r = sim.prepare(session, sim.SimSettings(volumes=3, tr=1.0))
+    start = time.monotonic() + 1.0
+    writer = sim.ScannerSim(tmp_path / "a", r, speed=10.0, delay_s=0.0).start(start_at=start)
+    time.sleep(0.5)
+    assert not list((tmp_path / "a").iterdir())  # volumes are made ahead, not written
+    assert writer.join(20)
+    assert writer.written[0].written_at >= start + 0.1 - 1e-3
+    assert len(writer.written) == 3
+
+    def broken(series: int, index: int) -> np.ndarray:
+        raise RuntimeError(f"cannot make volume {index}")
+
+    monkeypatch.setattr(r, "volume", broken)
+    failing = sim.ScannerSim(tmp_path / "b", r, fast=True).start()
+    with pytest.raises(RuntimeError, match="cannot make volume 1"):
+        failing.join(20)
