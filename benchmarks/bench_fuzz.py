@@ -54,23 +54,77 @@ def shrink(worker: Worker, data: bytes, label: str, budget: int = 150) -> bytes:
     return data
 
 
-def _atheris_mutator():  # pragma: no cover - optional
-    try:
-        import atheris
-    except ImportError:
-        return None
-    return lambda data, rng: atheris.Mutate(data, max(len(data) * 2, 64))
+def fuzz_target_atheris(
+    name: str, seconds: float, save: Path | None, hang_s: float
+) -> dict[str, object]:
+    """Coverage-guided: atheris in a child process (``tests/fuzzing.py atheris``), restarted
+    after each failure it stops on, until ``seconds`` are used."""
+    import re
+    import subprocess
+    import tempfile
+
+    from tests.fuzzing import REPO
+
+    target = get_target(name)
+    failures: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    runs = 0
+    with tempfile.TemporaryDirectory(prefix=f"atheris-corpus-{name}-") as tmp:
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        for i, (_, data) in enumerate(target.seeds()):
+            (corpus / f"seed{i}").write_bytes(data)
+        artifacts = (save / name) if save is not None else Path(tmp) / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 5:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "fuzzing.py"),
+                    "atheris",
+                    name,
+                    str(corpus),
+                    f"-max_total_time={int(left)}",
+                    f"-timeout={int(hang_s)}",
+                    "-rss_limit_mb=4096",
+                    f"-artifact_prefix={artifacts}/",
+                    "-print_final_stats=1",
+                ],
+                cwd=REPO,
+                env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                capture_output=True,
+                text=True,
+                timeout=left + 120,
+            )
+            out = proc.stdout + proc.stderr
+            done = re.findall(r"stat::number_of_executed_units:\s*(\d+)", out)
+            runs += int(done[-1]) if done else len(re.findall(r"^#\d+", out, re.M))
+            if proc.returncode == 0:
+                break
+            label = re.search(r"FuzzFailure: (.+)", out)
+            kind = label.group(1) if label else ("hang" if "timeout" in out else "crash")
+            failures[kind] += 1
+            examples.setdefault(kind, (re.findall(r"Test unit written to (\S+)", out) or ["?"])[-1])
+    return {
+        "inputs": runs,
+        "ok": None,
+        "rejected": None,
+        "failed": sum(failures.values()),
+        "failures": dict(failures),
+        "examples": examples,
+        "slowest_s": None,
+        "worker_restarts": None,
+        "seeds": len(target.seeds()),
+    }
 
 
 def fuzz_target(
-    name: str, seconds: float, seed: int, engine: str, save: Path | None, hang_s: float
+    name: str, seconds: float, seed: int, save: Path | None, hang_s: float
 ) -> dict[str, object]:
     target = get_target(name)
     seeds = [data for _, data in target.seeds()]
     rng = random.Random(f"{seed}:{name}")
-    atheris_mutate = _atheris_mutator() if engine == "atheris" else None
-    if engine == "atheris" and atheris_mutate is None:
-        print(f"{name}: atheris is not installed; using the plain mutator", flush=True)
     statuses: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     examples: dict[str, str] = {}
@@ -84,11 +138,7 @@ def fuzz_target(
                 failures[outcome.label()] += 1
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            base = rng.choice(corpus)
-            if atheris_mutate is not None:
-                data = atheris_mutate(base, rng)
-            else:
-                data = mutate(base, rng, seeds)
+            data = mutate(rng.choice(corpus), rng, seeds)
             outcome: Outcome = worker.run(data)
             statuses[outcome.status] += 1
             slowest = max(slowest, outcome.seconds)
@@ -143,12 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, object]] = {}
     for name in names:
         started = time.monotonic()
-        r = fuzz_target(name, args.seconds, args.seed, args.engine, args.save, args.hang_s)
+        if args.engine == "atheris":
+            r = fuzz_target_atheris(name, args.seconds, args.save, args.hang_s)
+        else:
+            r = fuzz_target(name, args.seconds, args.seed, args.save, args.hang_s)
         results[name] = r
         took = time.monotonic() - started
+        detail = (
+            f"  read {r['ok']:6d}  rejected {r['rejected']:6d}"
+            if r["ok"] is not None
+            else "  (atheris: coverage-guided)"
+        )
+        slowest = f"  slowest {r['slowest_s']:.3f} s" if r["slowest_s"] is not None else ""
         print(
-            f"{name:20s} inputs {r['inputs']:6d}  read {r['ok']:6d}  rejected {r['rejected']:6d}"
-            f"  failed {r['failed']:5d}  slowest {r['slowest_s']:.3f} s  ({took:.0f} s)",
+            f"{name:20s} inputs {r['inputs']:6d}{detail}  failed {r['failed']:5d}{slowest}"
+            f"  ({took:.0f} s)",
             flush=True,
         )
         for label, count in sorted(r["failures"].items()):  # type: ignore[union-attr]

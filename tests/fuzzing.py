@@ -854,5 +854,63 @@ def pack_chunk(
     return struct.pack("<B", width) + field + struct.pack("<H", tag & 0xFFFF) + content
 
 
-if __name__ == "__main__":  # python tests/fuzzing.py worker TARGET
-    worker_main(sys.argv[2])
+# ------------------------------------------------------------------------------ atheris
+
+ATHERIS_INSTRUMENT = (
+    "emorecog_stream",
+    "pyxdf",
+    "scipy.io",
+    "h5py",
+    "nibabel",
+    "pydicom",
+    "numpy.lib",
+    "json",
+    "tomllib",
+    "urllib",
+    "zipfile",
+    "gzip",
+)
+"""Python modules atheris instruments for coverage (C extensions cannot be)."""
+NO_INSTRUMENT = (
+    "emorecog_stream.buffers",
+    "emorecog_stream.physio_kernel",
+    "emorecog_stream.scanner.motion",
+)
+"""numba compiles these; atheris's inserted coverage calls would break the compilation."""
+
+
+class FuzzFailure(Exception):
+    """Raised to atheris for an input that broke the bar (it then saves the input and stops)."""
+
+
+def atheris_main(target_name: str, argv: list[str]) -> None:
+    """Coverage-guided fuzzing of one target in this process with atheris (libFuzzer's
+    mutator); every input still goes through :func:`run_input`, with its memory budget.
+    ``argv`` are libFuzzer's arguments (corpus folder, -max_total_time=, -timeout=, ...)."""
+    import logging
+    import warnings
+
+    import atheris
+
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    target = get_target(target_name)
+    work = Path(tempfile.mkdtemp(prefix=f"atheris-{target_name}-"))
+    with atheris.instrument_imports(include=list(ATHERIS_INSTRUMENT), exclude=list(NO_INSTRUMENT)):
+        for _, seed in target.seeds()[:1]:
+            run_input(target, seed, work, limit_memory=False)
+
+    def one_input(data: bytes) -> None:
+        outcome = run_input(target, data, work)
+        if outcome.failed:
+            raise FuzzFailure(f"{outcome.label()}\n{outcome.detail[-2000:]}")
+
+    atheris.Setup([sys.argv[0], *argv], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":  # python tests/fuzzing.py worker|atheris TARGET [libFuzzer args]
+    if sys.argv[1] == "atheris":
+        atheris_main(sys.argv[2], sys.argv[3:])
+    else:
+        worker_main(sys.argv[2])
