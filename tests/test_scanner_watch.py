@@ -201,6 +201,7 @@ async def test_per_slice_dicom_arriving_out_of_order(tmp_path):
         stream = watcher.volumes()
         for key in order:
             os.replace(paths[key], watched / paths[key].name)
+            os.utime(watched / paths[key].name)  # landed now, as a scanner's copy would
             await asyncio.sleep(2 * POLL)  # one slice per poll: the order is seen
         got = await take(stream, 2)
     assert [a.volume.index for a in got] == [0, 1]
