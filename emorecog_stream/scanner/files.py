@@ -18,6 +18,12 @@ formats keeps motion parameters comparable whatever the export.
 A file that is still being written (short header, missing or short pixel data, a gzip stream
 without its end) raises :class:`IncompleteFile` so the watcher retries it; any other failure
 raises :class:`VolumeReadError`. Both name the file; neither ever escapes as a crash.
+
+What a volume costs to read (CPU ms per volume on the 2-core development machine, files from
+``scanner-sim``; 64x64x36 / 104x104x72): NIfTI 1.1 / 1.7, NIfTI.gz 5.9, Siemens mosaic 3.2 / 5.1,
+per-slice DICOM 64 / 97 (about 1.5 ms per slice, mostly pydicom and nibabel's per-file work),
+enhanced MR 40 (36 frames; its per-frame header groups dominate). Per-slice and enhanced exports
+therefore spend a good part of a 100 ms latency budget on reading alone.
 """
 
 from __future__ import annotations
