@@ -326,6 +326,25 @@ async def test_tr_unit_mistake_is_announced_once_per_series(tmp_path):
     assert len(units) == 1 and "example4d.nii.gz" in units[0].message
 
 
+async def test_excluded_files_are_never_read(tmp_path):
+    """The bridge keeps its atlas in the export folder: it must not become a series."""
+    atlas = tmp_path / "atlas.nii"
+    events: list[WatchEvent] = []
+    watcher = VolumeWatcher(
+        tmp_path, poll=POLL, from_start=True, exclude=[atlas], on_event=events.append
+    )
+    put_by_rename(tmp_path, name(0), volume_bytes(0))
+    async with watcher:
+        stream = watcher.volumes()
+        got = await take(stream, 1)
+        atlas.write_bytes(volume_bytes(9))  # rewritten mid-run
+        put_by_rename(tmp_path, name(1), volume_bytes(1))
+        got += await take(stream, 1)
+    assert [a.path for a in got] == [str(tmp_path / name(0)), str(tmp_path / name(1))]
+    assert watcher.counters.series == 1
+    assert not [e for e in events if e.path == str(atlas)]
+
+
 def test_bad_folder_is_a_clear_error(tmp_path):
     with pytest.raises(NotADirectoryError, match="expected an existing folder"):
         VolumeWatcher(tmp_path / "not_there")

@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from watchdog.events import (
@@ -170,6 +170,8 @@ class VolumeWatcher:
     * ``read_in_thread``: read files in a worker thread, so the event loop keeps serving other
       work meanwhile (a 104x104x72 NIfTI takes ~1.3 ms, a Siemens mosaic more); False reads on
       the loop and saves one thread hand-over per file (~0.2-1 ms on this 2-core machine).
+    * ``exclude``: files never read, e.g. the atlas or reference kept in the export folder
+      (otherwise each would count as a series of its own and split the run it lands in).
     * ``on_event``: called with each :class:`WatchEvent` (they are also kept in ``events`` and
       logged). Messages count volumes from 1, as the scanner console does.
     """
@@ -187,6 +189,7 @@ class VolumeWatcher:
         incomplete_timeout: float = 10.0,
         retry_interval: float = 0.02,
         read_in_thread: bool = True,
+        exclude: Iterable[str | os.PathLike[str]] = (),
         on_event: Callable[[WatchEvent], None] | None = None,
     ) -> None:
         folder = os.path.abspath(os.fspath(folder))
@@ -202,6 +205,7 @@ class VolumeWatcher:
         self.incomplete_timeout = incomplete_timeout
         self.retry_interval = retry_interval
         self.read_in_thread = read_in_thread
+        self.exclude = frozenset(os.path.realpath(os.fspath(p)) for p in exclude)
         self.on_event = on_event
         self.reader = VolumeReader(slices_per_volume, name_number_base)
         self.counters = WatchCounters()
@@ -443,6 +447,8 @@ class VolumeWatcher:
                 await asyncio.sleep(0)
 
     async def _attempt(self, path: str) -> None:
+        if self.exclude and os.path.realpath(path) in self.exclude:
+            return
         stat = _stat_key(path)
         if stat is None:  # gone (renamed away, deleted): nothing to read
             self._files.pop(path, None)
