@@ -139,6 +139,11 @@ def test_trajectory_stays_within_3mm_and_3_degrees(kind: str) -> None:
     above = fd > sim.FD_THRESHOLD_MM
     assert above.any()  # some jerks cross the threshold ...
     assert above.mean() < (0.1 if kind == "strong" else 0.02)  # ... most volumes do not
+    # and no volume is a near miss: flags can be checked exactly against the truth
+    for seed in range(8):
+        others = sim.framewise_displacement(sim.motion_trajectory(300, kind, seed, 2, 1))
+        assert np.abs(others - sim.FD_THRESHOLD_MM).min() >= 0.1
+        assert (others > sim.FD_THRESHOLD_MM).any()
     # a shorter run's motion is the start of a longer one's
     np.testing.assert_array_equal(sim.motion_trajectory(50, kind, seed=0, still=2), params[:50])
     assert not sim.motion_trajectory(50, "none").any()

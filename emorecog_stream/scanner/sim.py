@@ -87,6 +87,9 @@ bridge watching the export folder sees only what a scanner would write)."""
 FD_THRESHOLD_MM = 0.5
 """Power et al. (2012); the crossings are listed in ``session.json``."""
 
+DRIFT_FD_MM = 0.12
+"""The slow drift alone never moves the head more than this between volumes (FD, mm)."""
+
 MAX_TRANSLATION_MM = 3.0
 MAX_ROTATION_RAD = float(np.deg2rad(3.0))
 
@@ -303,9 +306,14 @@ def motion_trajectory(
 
     ``still`` leading volumes (the dummies and the first real volume) stay at 0, so the
     reference is the same whichever of them a bridge takes. After that: a slow drift (smooth
-    random curves) and a few sudden jerks, each a jump that mostly returns within a few
-    volumes; about a third of the jerks exceed 0.5 mm framewise displacement. Bounded by 3 mm
-    and 3 degrees. The trajectory of a shorter run is the start of a longer one's.
+    random curves plus a small jitter, whose framewise displacement together stays under
+    :data:`DRIFT_FD_MM`) and sudden jerks, each a jump held for 1-3 volumes that then mostly
+    returns, the rest settling over about half a minute. A jerk is either small (FD <= 0.25 mm
+    at onset and return) or large (>= 0.9 mm at onset, >= 0.75 mm back); the first is large,
+    later ones with probability 0.3 (0.65 with ``strong``),
+    so with the drift every FD stays at least 0.1 mm away from the 0.5 mm threshold: which
+    volumes a bridge should flag is never a matter of its last 0.1 mm of precision. Bounded
+    by 3 mm and 3 degrees. The trajectory of a shorter run is the start of a longer one's.
     """
     if kind not in MOTION_KINDS:
         raise ValueError(f"motion: expected one of {', '.join(MOTION_KINDS)}, got {kind!r}")
@@ -318,38 +326,54 @@ def motion_trajectory(
     horizon = max(n_volumes, 3600)
     t = np.arange(horizon - still, dtype=float)
     drift = np.zeros((t.size, 6))
-    drift_mm = 1.6 if strong else 0.6
-    drift_rad = np.deg2rad(1.6 if strong else 0.6)
-    for k, period in enumerate((900.0, 400.0, 170.0)):
+    for k, period in enumerate((1800.0, 700.0, 300.0)):
         amp = rng.normal(0.0, 1.0, size=6) / (k + 1)
         phase = rng.uniform(0, 2 * np.pi, size=6)
         drift += amp * (np.sin(2 * np.pi * t[:, None] / period + phase) - np.sin(phase))
-    drift[:, :3] *= drift_mm
-    drift[:, 3:] *= drift_rad
+    reach = 2.6 if strong else 1.0  # the largest excursion, mm (and mm on the FD sphere)
+    drift *= reach / max(float(np.abs(drift).max()), 1e-12)
+    drift = _cap_fd(drift, 0.05)
+    # small volume-to-volume jitter (breathing, swallowing): AR(1) in every parameter
+    from scipy.signal import lfilter
+
+    shake = rng.normal(0.0, 0.03 if strong else 0.015, size=drift.shape)
+    drift += _cap_fd(lfilter([1.0], [1.0, -0.6], shake, axis=0), DRIFT_FD_MM - 0.05)
+    drift[:, 3:] /= rigid.FD_RADIUS_MM  # radians that count like millimetres in FD
     jerks = np.zeros_like(drift)
     mean_gap = 60.0 if strong else 120.0
     onset = float(rng.uniform(8.0, 25.0))
+    first = True
     while onset < t.size:
-        big = rng.random() < (0.6 if strong else 0.35)
-        fd = rng.uniform(0.6, 2.5 if strong else 1.4) if big else rng.uniform(0.15, 0.45)
+        # the first jerk is large, so any run longer than ~30 volumes exercises the flags
+        big = first or rng.random() < (0.65 if strong else 0.3)
+        first = False
+        fd = rng.uniform(0.9, 2.2 if strong else 1.4) if big else rng.uniform(0.08, 0.25)
         direction = rng.normal(size=6)
-        direction[3:] /= rigid.FD_RADIUS_MM  # radians that count like millimetres in FD
+        direction[3:] /= rigid.FD_RADIUS_MM
         direction *= fd / (
             np.abs(direction[:3]).sum() + rigid.FD_RADIUS_MM * np.abs(direction[3:]).sum()
         )
         hold = int(rng.integers(1, 4))
-        residual = rng.uniform(0.0, 0.4)
+        residual = rng.uniform(0.0, 0.15)
         start = int(onset)
         profile = np.zeros(t.size)
         profile[start : start + hold] = 1.0
-        profile[start + hold :] = residual
+        after = np.arange(t.size - start - hold, dtype=float)
+        profile[start + hold :] = residual * np.exp(-after / 30.0)
         jerks += profile[:, None] * direction
-        onset += max(6.0, rng.exponential(mean_gap))
+        onset += max(8.0, rng.exponential(mean_gap))
     moving = drift + jerks
     limits = np.array([MAX_TRANSLATION_MM] * 3 + [MAX_ROTATION_RAD] * 3)
     moving = np.clip(moving, -0.97 * limits, 0.97 * limits)
     out[still:] = moving[: n_volumes - still]
     return out
+
+
+def _cap_fd(curves: np.ndarray, cap: float) -> np.ndarray:
+    """``curves`` (n, 6, all in mm) scaled so that no step moves more than ``cap`` in FD."""
+    steps = np.abs(np.diff(curves, axis=0)).sum(axis=1)
+    largest = float(steps.max()) if steps.size else 0.0
+    return curves * (cap / largest) if largest > cap else curves
 
 
 def framewise_displacement(params: np.ndarray) -> np.ndarray:
