@@ -52,7 +52,7 @@ from watchdog.events import (
 
 from .files import FileKind, IncompleteFile, Volume, VolumeReader, VolumeReadError, classify
 
-__all__ = ["ArrivedVolume", "VolumeWatcher", "WatchCounters", "WatchEvent"]
+__all__ = ["EVENT_KINDS", "ArrivedVolume", "VolumeWatcher", "WatchCounters", "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class VolumeWatcher:
         self._skipped[path] = _stat_key(path)
         self.reader.skip(path)
 
-    def notify(self, path: str, how: str) -> None:
+    def _notify(self, path: str, how: str) -> None:
         """From watchdog's thread: ``how`` is created, modified, closed, moved or deleted."""
         loop = self._loop
         if loop is None or self._closed:
@@ -631,12 +631,12 @@ class _Handler(FileSystemEventHandler):
         kind = event.event_type
         src = os.fsdecode(event.src_path)
         if kind == "moved":
-            self.watcher.notify(src, "deleted")
+            self.watcher._notify(src, "deleted")
             dest = os.fsdecode(event.dest_path)
             if _inside(dest, self.watcher.folder):
-                self.watcher.notify(dest, "moved")
+                self.watcher._notify(dest, "moved")
         elif kind in ("created", "modified", "closed", "deleted"):
-            self.watcher.notify(src, kind)
+            self.watcher._notify(src, kind)
 
 
 def _inside(path: str, folder: str) -> bool:
