@@ -162,6 +162,8 @@ def main(args: argparse.Namespace) -> int:
         f" {rehearsal.tr:g} s) into {out_dir}, {pace}; session {session.participant} from"
         f" {source}; truth in {out_dir / 'truth'}. Bridge it with:\n  emorecog-stream scanner"
         f" {export} --atlas {out_dir / 'atlas.nii.gz'} --labels {out_dir / 'atlas_labels.txt'}"
+        " --from-start"
+        + (f" --skip {args.dummies}" if args.dummies else "")
         + (f" --speed {args.speed:g}" if args.speed != 1 else ""),
         file=sys.stderr,
         flush=True,
