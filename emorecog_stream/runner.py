@@ -305,15 +305,24 @@ async def _chunks(group: Any, engine: Engine) -> Any:
     from emorecog_stream.adapters.lsl_inlet import Chunk, StreamEvent
 
     registered: set[Role] = set()
+
+    def register(role: Role) -> None:
+        # streams resolved in the background: their declared rate is known now. On connecting,
+        # not on the first chunk: a Motion stream's first sample may trail its volume's, and
+        # the engine must know by then that it is to wait for it.
+        if role in registered:
+            return
+        meta = group.inlets[role].metadata if role in group.inlets else None
+        if meta is not None:
+            registered.add(role)
+            engine.register_stream(role, meta.name, meta.nominal_srate)
+
     async for item in group:
         if isinstance(item, Chunk):
-            if item.role not in registered:
-                # streams resolved in the background: their declared rate is known now
-                registered.add(item.role)
-                meta = group.inlets[item.role].metadata if item.role in group.inlets else None
-                if meta is not None:
-                    engine.register_stream(item.role, meta.name, meta.nominal_srate)
+            register(item.role)
             yield EngineChunk(item.role, item.data, item.timestamps, item.receipt_time)
+        elif isinstance(item, StreamEvent) and item.state.value == "connected":
+            register(item.role)
         elif isinstance(item, StreamEvent) and item.state.value == "error":
             engine.stream_absent(item.role, f"{ROLE_LABEL[item.role]} stream: {item.reason}")
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from emorecog_stream.scanner.timing import TriggerClock
 from emorecog_stream.streams import ATLAS, Role
 
 log = logging.getLogger(__name__)
+
+#: Seconds the first volume waits for a reader when the streams open only at that volume.
+CONSUMER_WAIT_S = 3.0
 
 #: TRs that differ by more than this (seconds) between header and ``--tr`` are reported.
 TR_TOLERANCE_S = 1e-3
@@ -182,6 +186,7 @@ class ScannerBridge:
         self._watcher = None
         self._trigger_task: asyncio.Task | None = None
         self._early_pulses: list[float] = []  # pulses before the TR (and the clock) is known
+        self._await_consumers = False
         self.ready = asyncio.Event()  # set once the folder is being watched
 
     # -- outlets ---------------------------------------------------------------------------
@@ -198,6 +203,19 @@ class ScannerBridge:
             f" {self._outlets[Role.MOTION].get_info().name()} (Motion, 7 channels) at"  # type: ignore[attr-defined]
             f" 1/{tr:g} s"
         )
+
+    async def _watch_readers(self) -> None:
+        """Say when a stream gains its first reader and when it loses its last one: the
+        experimenter sees at a glance whether the engine is listening before the scan starts."""
+        had: dict[Role, bool] = {}
+        while not self._stop.is_set():
+            for role, outlet in list(self._outlets.items()):
+                has = bool(outlet.have_consumers())  # type: ignore[attr-defined]
+                if has != had.get(role, False):
+                    name = outlet.get_info().name()  # type: ignore[attr-defined]
+                    self.say(f"[lsl] {name}: {'read by' if has else 'no longer read by'} an inlet")
+                    had[role] = has
+            await asyncio.sleep(0.2)
 
     # -- triggers --------------------------------------------------------------------------
 
@@ -254,6 +272,7 @@ class ScannerBridge:
         self._watcher = watcher
         mode = f"polling every {s.poll:g} s" if s.poll else "file-system events"
         self.say(f"watching {watcher.folder} ({mode}); Ctrl-C to stop")
+        readers = asyncio.create_task(self._watch_readers())
         try:
             await watcher.start()
             self.ready.set()
@@ -265,6 +284,7 @@ class ScannerBridge:
                     break
         finally:
             self._stop.set()
+            readers.cancel()
             await watcher.aclose()
             if self._trigger_task is not None:
                 self._trigger_task.cancel()
@@ -285,6 +305,7 @@ class ScannerBridge:
                 )
             self.tr = header_tr
             self._open_outlets(header_tr)
+            self._await_consumers = True
         elif header_tr is not None and abs(header_tr - self.tr) > TR_TOLERANCE_S:
             self.say(
                 f"[tr] series {series}: the header says TR {header_tr:g} s, using"
@@ -308,6 +329,19 @@ class ScannerBridge:
             self.counters.failed += 1
             self.say(f"[tr] {volume.source}: dropped; {exc}")
             return
+        if self._await_consumers:
+            # The streams appeared only now (the TR came from this volume's header): an LSL
+            # inlet sees only samples pushed after it connects, so give a waiting engine a
+            # moment to find them rather than lose the run's first volume. --tr avoids this.
+            self._await_consumers = False
+            deadline = time.monotonic() + CONSUMER_WAIT_S
+            for outlet in self._outlets.values():
+                left = max(0.0, deadline - time.monotonic())
+                if not await asyncio.to_thread(outlet.wait_for_consumers, left):  # type: ignore[attr-defined]
+                    self.say(
+                        f"[lsl] no one reads {outlet.get_info().name()} yet"  # type: ignore[attr-defined]
+                        " (is `emorecog-stream run` started?); publishing anyway"
+                    )
         new = self.pipeline.is_new_series(volume.series)
         stamps: dict[tuple[int, int], object] = {}
 
