@@ -235,6 +235,10 @@ class ScannerBridge:
             )
         inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
         await asyncio.to_thread(inlet.open_stream, 5.0)
+        # the first clock-offset estimate takes a few round trips; made now, not at the first
+        # pulse (which would then reach the bridge half a second late)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(inlet.time_correction, 5.0)
         self._trigger_task = asyncio.create_task(self._pull_triggers(inlet))
 
     async def _pull_triggers(self, inlet: object) -> None:
