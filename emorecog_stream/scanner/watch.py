@@ -446,25 +446,25 @@ class VolumeWatcher:
                 # (reads on the loop have no other await point).
                 await asyncio.sleep(0)
 
-    async def _attempt(self, path: str) -> None:
+    def _wants(self, path: str) -> tuple[FileKind, tuple[int, int]] | None:
+        """An image worth reading now: its kind and size/mtime; None (counted) if not."""
         if self.exclude and os.path.realpath(path) in self.exclude:
-            return
+            return None
         stat = _stat_key(path)
         if stat is None:  # gone (renamed away, deleted): nothing to read
-            self._files.pop(path, None)
-            return
+            return None
         if path in self._skipped:
             if self._skipped[path] == stat:
-                return
+                return None
             del self._skipped[path]  # changed since start: a new or growing file
         if path in self._broken:
             if self._broken[path] == stat:
-                return
+                return None
             del self._broken[path]
         if path in self._ignored:
             old_stat, old_kind = self._ignored[path]
             if old_stat == stat or not _may_grow(old_kind):
-                return
+                return None
             # A name that did not say, seen while short: it grew, so look again.
             del self._ignored[path]
             self.counters.ignored -= 1
@@ -474,10 +474,23 @@ class VolumeWatcher:
             if kind.reason.startswith(("hidden", "temporary")):
                 # Every exporter's normal work in progress: counted apart, no event each.
                 self.counters.temporary += 1
-                return
+                return None
             self.counters.ignored += 1
             self._emit("ignored", f"{os.path.basename(path)}: ignored ({kind.reason})", path)
+            return None
+        return kind, stat
+
+    def _forget_state(self, path: str) -> None:
+        state = self._files.pop(path, None)
+        if state is not None and state.timer is not None:
+            state.timer.cancel()
+
+    async def _attempt(self, path: str) -> None:
+        wanted = self._wants(path)
+        if wanted is None:
+            self._forget_state(path)
             return
+        kind, stat = wanted
         now = time.monotonic()
         state = self._files.get(path)
         if state is None:
