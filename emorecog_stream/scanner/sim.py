@@ -527,10 +527,23 @@ class Rehearsal:
         return quantise(moved)
 
     def truth_roi(self) -> np.ndarray:
-        """(T, 246) float64: label means of each unmoved, noiseless volume (``roi + offset``)."""
-        return np.stack(
-            [label_means(self.clean_volume(t), self.atlas) for t in range(self.roi.shape[0])]
-        )
+        """(T, 246) float64: label means of each unmoved, noiseless volume (``roi + offset``).
+
+        Computed as :meth:`clean_volume` then :func:`label_means` would, on the labelled voxels
+        only (the others do not enter any mean), to keep a whole 2 mm session quick.
+        """
+        inside = self.atlas.ravel() > 0
+        labels = self.atlas.ravel()[inside].astype(np.intp)
+        anatomy = self.phantom.anatomy.ravel()[inside]
+        weight = self.weight.ravel()[inside]
+        counts = np.bincount(labels, minlength=N_ROIS + 1)[1:]
+        truth = np.empty(self.roi.shape)
+        for t in range(self.roi.shape[0]):
+            change = np.concatenate([[0.0], self.roi[t] - self.base])
+            values = (anatomy + change[labels] * weight).astype(np.float32)
+            sums = np.bincount(labels, weights=values, minlength=N_ROIS + 1)[1:]
+            truth[t] = sums / counts
+        return truth
 
     def roi_offset(self) -> np.ndarray:
         """(246,) float64: truth minus the session's fMRI values, the same for every volume."""
