@@ -512,6 +512,10 @@ class Outcome:
         return f"{self.call}: {self.kind}" if self.call else self.kind
 
 
+ALLOCATOR_MESSAGES = ("can't allocate memory", "Unable to allocate", "std::bad_alloc")
+"""How allocators that do not raise MemoryError (torch's, numpy's, C++) say they failed."""
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     cur: BaseException | None = exc
@@ -527,7 +531,7 @@ def classify(call: Call, exc: BaseException, path_names: tuple[str, ...]) -> Out
     chain = list(_chain(exc))
     detail = "".join(traceback.format_exception(exc))[-4000:]
     for inner in chain:
-        if isinstance(inner, MemoryError):
+        if isinstance(inner, MemoryError) or any(m in str(inner) for m in ALLOCATOR_MESSAGES):
             return Outcome("failure", f"alloc({type(exc).__name__})", call.name, detail)
         if isinstance(inner, RecursionError):
             return Outcome("failure", f"recursion({type(exc).__name__})", call.name, detail)

@@ -17,7 +17,7 @@ import zipfile
 import h5py
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from emorecog_stream.model.checkpoint import CheckpointError, load_model
@@ -153,7 +153,10 @@ def keras_weight_files(draw) -> bytes:
             )
         )
         dtype = draw(st.sampled_from(["f4", "f8", "i2", "S4", "c8"]))
-        f.create_dataset(name, shape=shape, dtype=dtype)
+        try:
+            f.create_dataset(name, shape=shape, dtype=dtype)
+        except ValueError:  # HDF5: "size of dataset's storage overflowed"
+            reject()
     return Blob(raw.getvalue())
 
 
@@ -241,3 +244,23 @@ def test_a_weight_declaring_8_gib_without_storing_it_allocates_nothing(tmp_path)
                        r" declares shape \(65536, 32768\) \(8,589,934,592 bytes\) but the file"
                        r" stores 0 bytes"):
         read_keras_v1_file(path)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "error", "match"),
+    [
+        # was: EmoRecogNet built from hidden=65536 first (a 64 GiB GRU), then the shapes checked
+        ("checkpoint_huge_config.pt", CheckpointError, r"tensor '.*' should have shape"),
+        # was: the same for a converted Keras checkpoint's sizes
+        ("keras_checkpoint_huge_sizes.pt", KerasV1Error, r"checkpoint lacks tensor"),
+        # was: RuntimeError "Boolean value of Tensor with no values is ambiguous"
+        ("keras_checkpoint_tensor_version.pt", KerasV1Error, r"format_version tensor\(\[\]\)"),
+    ],
+)
+def test_checkpoints_found_by_fuzzing(tmp_path, ckpt_worker, fixture, error, match) -> None:
+    path = tmp_path / "model.pt"
+    shutil.copy(FUZZ_FIXTURES / fixture, path)
+    with pytest.raises(error, match=match) as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+    assert not ckpt_worker.run(path.read_bytes()).failed

@@ -182,22 +182,49 @@ def net_from_checkpoint(data: dict[str, Any], path: str | Path) -> EmoRecogNet:
         raise CheckpointError(
             f"model checkpoint {str(path)!r}: format {data.get('format')!r}, expected {FORMAT!r}"
         )
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # a tensor cannot compare
         raise CheckpointError(
             f"model checkpoint {str(path)!r}: format_version {data.get('format_version')!r},"
             f" this version reads {FORMAT_VERSION}"
         )
-    if list(data.get("label_order", [])) != list(CATEGORY_LABELS):
+    label_order = data.get("label_order", [])
+    if not isinstance(label_order, (list, tuple)) or list(label_order) != list(CATEGORY_LABELS):
         raise CheckpointError(
             f"model checkpoint {str(path)!r}: label order {data.get('label_order')!r},"
             f" expected {list(CATEGORY_LABELS)}"
         )
     try:
-        net = EmoRecogNet(NetConfig.from_dict(dict(data["config"])))
+        config = NetConfig.from_dict(dict(data["config"]))
+        with torch.device("meta"):  # shapes only: sizes read from the file allocate nothing
+            expected = EmoRecogNet(config).state_dict()
+        _check_shapes(path, expected, data["state_dict"])
+        net = EmoRecogNet(config)
         net.load_state_dict(data["state_dict"])
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"model checkpoint {str(path)!r}: {exc}") from exc
     return net.eval()
+
+
+def _check_shapes(path: str | Path, expected: dict[str, Any], state: Any) -> None:
+    """Every tensor the config implies is in the file with its shape, before the network is
+    built: a config of absurd widths would otherwise allocate them (the file holds no such
+    weights)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"model checkpoint {str(path)!r}: state_dict is a {type(state).__name__}, not a dict"
+        )
+    for name, tensor in expected.items():
+        found = state.get(name)
+        shape = tuple(found.shape) if isinstance(found, torch.Tensor) else None
+        if shape != tuple(tensor.shape):
+            raise CheckpointError(
+                f"model checkpoint {str(path)!r}: tensor {name!r} should have shape"
+                f" {tuple(tensor.shape)} from the stored config, found "
+                + ("none" if found is None else f"{type(found).__name__} {shape or ''}".strip())
+            )
 
 
 def load_model(path: str | Path | None = None) -> StreamingModel:

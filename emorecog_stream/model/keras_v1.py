@@ -234,7 +234,7 @@ def _model_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> KerasV1Mod
             f"{CHECKPOINT_FORMAT!r} expected, found {found!r})"
         )
     version = ckpt.get("format_version")
-    if version != CHECKPOINT_VERSION:
+    if type(version) is not int or version != CHECKPOINT_VERSION:  # a tensor cannot compare
         raise KerasV1Error(
             f"{path}: keras-v1 checkpoint format_version {version!r}; this version "
             f"reads {CHECKPOINT_VERSION}"
@@ -243,11 +243,23 @@ def _model_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> KerasV1Mod
     if missing:
         raise KerasV1Error(f"{path}: keras-v1 checkpoint lacks {missing}")
     try:
+        return _build_from_checkpoint(ckpt, path)
+    except KerasV1Error:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        # sizes, tensors or source of another type than written (the file is outside data)
+        raise KerasV1Error(
+            f"{path}: keras-v1 checkpoint is malformed ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _build_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> KerasV1Model:
+    try:
         sizes = KerasV1Sizes.from_dict(ckpt["sizes"])
     except (TypeError, KeyError) as exc:
         raise KerasV1Error(f"{path}: keras-v1 checkpoint has malformed sizes: {exc}") from None
-    net = KerasV1Net(sizes)
-    expected = net.state_dict()
+    with torch.device("meta"):  # shapes only: sizes read from the file allocate nothing
+        expected = KerasV1Net(sizes).state_dict()
     got = ckpt["state_dict"]
     for name, tensor in expected.items():
         if name not in got:
@@ -257,6 +269,7 @@ def _model_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> KerasV1Mod
                 f"{path}: tensor {name!r} has shape {tuple(got[name].shape)}, "
                 f"expected {tuple(tensor.shape)} from the stored sizes"
             )
+    net = KerasV1Net(sizes)
     net.load_state_dict(got)
     src = ckpt["source"]
     return KerasV1Model(
