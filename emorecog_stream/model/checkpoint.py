@@ -221,8 +221,8 @@ def _check_shapes(path: str | Path, expected: dict[str, Any], state: Any) -> Non
         shape = tuple(found.shape) if isinstance(found, torch.Tensor) else None
         if shape != tuple(tensor.shape):
             raise CheckpointError(
-                f"model checkpoint {str(path)!r}: tensor {name!r} should have shape"
-                f" {tuple(tensor.shape)} from the stored config, found "
+                f"model checkpoint {str(path)!r}: size mismatch for tensor {name!r}: the stored"
+                f" config implies shape {tuple(tensor.shape)}, the file holds "
                 + ("none" if found is None else f"{type(found).__name__} {shape or ''}".strip())
             )
 
