@@ -38,6 +38,31 @@ FUNCTIONAL = NIBABEL_DATA / "functional.nii"
 EXAMPLE4D = NIBABEL_DATA / "example4d.nii.gz"
 
 
+def test_philips_epi_phantom_par_rec_matches_nibabel(tmp_path):
+    """nibabel's real Philips EPI phantom (64x64x9, 3 volumes): same arrays, affine and TR."""
+    par = NIBABEL_DATA / "phantom_EPI_asc_CLEAR_2_1.PAR"
+    assert classify(str(par)).kind == "parrec"
+    volumes = VolumeReader().read(str(par))
+    img = nib.load(str(par))
+    expected = img.get_fdata()
+    assert len(volumes) == expected.shape[3] == 3
+    for i, volume in enumerate(volumes):
+        assert volume.index == i and volume.tr == pytest.approx(2.0)
+        np.testing.assert_array_equal(volume.data, expected[..., i].astype(np.float32))
+        np.testing.assert_allclose(volume.affine, img.affine)
+    # the pair lands in two files: the header first is a file still being written
+    copy_par = tmp_path / par.name
+    shutil.copy(par, copy_par)
+    with pytest.raises(IncompleteFile, match="REC"):
+        VolumeReader().read(str(copy_par))
+    rec = NIBABEL_DATA / "phantom_EPI_asc_CLEAR_2_1.REC"
+    (tmp_path / rec.name).write_bytes(rec.read_bytes()[: rec.stat().st_size // 2])
+    with pytest.raises(IncompleteFile, match="shorter than its header says"):
+        VolumeReader().read(str(copy_par))
+    shutil.copy(rec, tmp_path / rec.name)
+    assert len(VolumeReader().read(str(copy_par))) == 3
+
+
 def _wrapper(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

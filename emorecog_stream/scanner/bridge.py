@@ -271,6 +271,7 @@ class ScannerBridge:
             s.watch_dir, poll=s.poll, from_start=s.from_start,
             slices_per_volume=s.slices_per_volume, settle=s.settle,
             incomplete_timeout=s.incomplete_timeout,
+            exclude=[str(p) for p in self._own_files],
             on_event=lambda e: self.say(f"[{e.kind}] {e.message}"),
         )
         self._watcher = watcher

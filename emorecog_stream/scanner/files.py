@@ -58,13 +58,15 @@ __all__ = [
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".ima", ".dicom")
+PARREC_SUFFIXES: tuple[str, ...] = (".par",)
+"""Philips PAR/REC: the ``.PAR`` header names the pair (the ``.REC`` beside it holds the data)."""
 TEMPORARY_SUFFIXES: tuple[str, ...] = (
     ".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".lock", "~",
 )
 """Names that writers use while a file is not finished; the final rename brings it in."""
 NOT_IMAGE_SUFFIXES: tuple[str, ...] = (
     ".txt", ".log", ".json", ".csv", ".tsv", ".xml", ".ini", ".cfg", ".md", ".bval", ".bvec",
-    ".mat", ".hdr", ".img", ".par", ".rec", ".zip", ".tar", ".gz", ".py", ".sh", ".bat",
+    ".mat", ".hdr", ".img", ".rec", ".zip", ".tar", ".gz", ".py", ".sh", ".bat",
 )
 """Side files that share export folders (dcm2niix sidecars, logs). ``.gz`` here means not
 ``.nii.gz``; Analyze and PAR/REC pairs are offline formats, not real-time exports."""
@@ -128,7 +130,7 @@ class FileKind:
 
     @property
     def is_image(self) -> bool:
-        return self.kind in ("nifti", "dicom")
+        return self.kind in ("nifti", "dicom", "parrec")
 
 
 def _lower_name(path: str) -> str:
@@ -151,6 +153,8 @@ def classify(path: str) -> FileKind:
         return FileKind("nifti")
     if name.endswith(DICOM_SUFFIXES):
         return FileKind("dicom")
+    if name.endswith(PARREC_SUFFIXES):
+        return FileKind("parrec")
     if name.endswith(NOT_IMAGE_SUFFIXES):
         return FileKind("ignored", "not an image file name")
     try:
@@ -163,6 +167,56 @@ def classify(path: str) -> FileKind:
     if len(head) < _DICOM_MAGIC_OFFSET + 4:
         return FileKind("ignored", "too short to be an image (yet)")
     return FileKind("ignored", "neither NIfTI nor DICOM")
+
+
+# --------------------------------------------------------------------------------------- PAR/REC
+
+
+def _rec_beside(path: str) -> str | None:
+    stem, _ = os.path.splitext(path)
+    for suffix in (".REC", ".rec"):
+        if os.path.exists(stem + suffix):
+            return stem + suffix
+    return None
+
+
+def read_parrec(path: str) -> list[Volume]:
+    """Every volume of a Philips PAR/REC run, as nibabel reads it (its default scaling).
+
+    PAR/REC is Philips' offline export (the scanner writes the pair when the run ends), so a
+    pair is read whole; a ``.REC`` not there yet, or shorter than the header says, is a file
+    still being written.
+    """
+    import nibabel as nib
+
+    rec = _rec_beside(path)
+    if rec is None:
+        raise IncompleteFile(path, "its .REC data file is not there (yet)")
+    try:
+        img = nib.load(path)
+        shape = tuple(int(n) for n in img.shape)
+        defs = img.header.image_defs
+        expected = int(np.sum(defs["recon resolution"].prod(axis=1) * defs["image pixel size"]))
+        if os.path.getsize(rec) * 8 < expected:
+            raise IncompleteFile(path, f"{os.path.basename(rec)} is shorter than its header says")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        tr_ms = np.asarray(img.header.general_info.get("repetition_time", [np.nan]), float)
+    except (IncompleteFile, FileNotFoundError):
+        raise
+    except Exception as exc:  # nibabel raises many kinds for a broken header
+        raise VolumeReadError(path, f"not a readable PAR/REC pair ({exc})") from exc
+    if len(shape) not in (3, 4):
+        raise VolumeReadError(path, f"expected a 3-D or 4-D image, got shape {shape}")
+    tr = float(tr_ms.ravel()[0]) / 1000.0 if tr_ms.size and np.isfinite(tr_ms.ravel()[0]) else None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    series = os.path.abspath(path)
+    name = os.path.basename(path)
+    if len(shape) == 3:
+        return [Volume(data, affine, series, 0, tr, name)]
+    return [
+        Volume(np.ascontiguousarray(data[..., i]), affine, series, i, tr, name)
+        for i in range(shape[3])
+    ]
 
 
 # --------------------------------------------------------------------------------------- NIfTI
@@ -607,6 +661,10 @@ class VolumeReader:
                 self._growing.add(key)
             else:
                 self._done.add(key)
+            return volumes
+        if kind.kind == "parrec":
+            volumes = read_parrec(path)
+            self._done.add(key)
             return volumes
         if kind.kind == "dicom":
             result = read_dicom(path)
