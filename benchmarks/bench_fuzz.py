@@ -128,7 +128,7 @@ def fuzz_target(
     statuses: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     examples: dict[str, str] = {}
-    slowest = 0.0
+    slowest, slowest_input = 0.0, b""
     corpus = list(seeds)
     with Worker(name, hang_s=hang_s) as worker:
         for data in seeds:  # the seeds themselves must read or be rejected cleanly
@@ -141,7 +141,8 @@ def fuzz_target(
             data = mutate(rng.choice(corpus), rng, seeds)
             outcome: Outcome = worker.run(data)
             statuses[outcome.status] += 1
-            slowest = max(slowest, outcome.seconds)
+            if outcome.seconds > slowest:
+                slowest, slowest_input = outcome.seconds, data
             if outcome.status == "rejected" and len(corpus) < 64 and rng.random() < 0.02:
                 corpus.append(data)  # keep some inputs that got past the first checks
             if not outcome.failed:
@@ -166,6 +167,9 @@ def fuzz_target(
                     (folder / f"{safe}-{digest}.bin").write_bytes(small)
                     (folder / f"{safe}-{digest}.txt").write_text(outcome.detail)
         restarts = worker.restarts
+    if save is not None and slowest_input:
+        (save / name).mkdir(parents=True, exist_ok=True)
+        (save / name / f"slowest-{slowest:.3f}s.bin").write_bytes(slowest_input)
     tried = sum(statuses.values())
     return {
         "inputs": tried,
