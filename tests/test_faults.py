@@ -15,6 +15,7 @@ while windows, deadlines and stall timeouts keep their meaning.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,7 +306,7 @@ def test_broker_refusing_the_engines_credentials_after_a_restart(
     prediction queued, and delivers them in order once the broker takes it again."""
     broker = mqtt_broker_factory(username="engine", password="first-pw", persistence=True)
     passwords = broker.workdir / "passwords"
-    passwd = "mosquitto_passwd"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
     def set_password(user: str, password: str) -> None:
         subprocess.run([passwd, "-b", str(passwords), user, password], check=True, timeout=30)
@@ -347,8 +348,11 @@ def test_broker_refusing_the_engines_credentials_after_a_restart(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-@pytest.mark.parametrize("broker_up", [True, False], ids=["broker-up", "broker-down"])
+@pytest.mark.parametrize(
+    ("sig", "broker_up"),
+    [(signal.SIGTERM, True), (signal.SIGINT, False)],
+    ids=["SIGTERM-broker-up", "Ctrl-C-broker-down"],  # Ctrl-C, broker up: test_e2e.py
+)
 def test_sigterm_and_ctrl_c_flush_set_offline_and_close_the_log(
     sig: int,
     broker_up: bool,
@@ -417,7 +421,7 @@ def test_sigkill_and_restart_on_the_same_session_and_log_continues_the_sequence(
     replayer = replays.open(tag)
     first = engines(config, broker.url, log=log)
     replays.start(replayer)
-    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 15, 30)
+    assert sub.wait_for(lambda _: len(sub.of("prediction")) >= 10, 30)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     last = predictions_logged(log)[-1]["sequence"]
@@ -430,7 +434,7 @@ def test_sigkill_and_restart_on_the_same_session_and_log_continues_the_sequence(
     second = engines(config, broker.url, log=log)
     line = second.wait_for_line(r"restarted after an unclean stop", timeout=60)
     assert f"continue at sequence {last + 1}" in line
-    assert sub.wait_for(lambda _: max(first_receipts(sub)) >= last + 10, 30)
+    assert sub.wait_for(lambda _: max(first_receipts(sub)) >= last + 5, 30)
     second.stop(signal.SIGINT)
     records = read_log(log)  # the torn line is skipped, everything else reads
     starts = [r for r in records if r["kind"] == "session_start"]
@@ -517,6 +521,7 @@ def test_log_deleted_mid_session_is_created_again_and_says_so(
     assert logged and logged == published[-len(logged) :]  # everything since the deletion
 
 
+@pytest.mark.slow
 def test_unwritable_log_at_start_is_an_error_before_the_session_begins(
     mqtt_broker: Any, engines: Any, tmp_path: Path
 ) -> None:
@@ -739,7 +744,7 @@ def test_sender_clock_jumping_an_hour_is_detected_and_never_published_as_good(
     before = len(sub.unique_by_sequence())
     jumped_at = pylsl.local_clock()
     sender.clock_offset = jump  # every stream of this sender: one machine's clock
-    time.sleep(4.0)  # 40 s of session time
+    time.sleep(3.0)  # 30 s of session time
     engine.stop(signal.SIGINT)
     predictions = sub.unique_by_sequence()
     assert_no_wrong_heart_rate(predictions)
@@ -774,7 +779,7 @@ def test_duplicated_and_overlapping_chunks_are_detected_and_never_counted_twice(
     volumes_before = sender.volumes
     sender.repeat_volumes = True
     sender.overlap_ppg = True
-    time.sleep(4.0)
+    time.sleep(3.0)
     volumes = sender.volumes - volumes_before
     engine.stop(signal.SIGINT)
     predictions = sub.unique_by_sequence()
