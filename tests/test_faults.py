@@ -791,3 +791,33 @@ def test_duplicated_and_overlapping_chunks_are_detected_and_never_counted_twice(
     reasons = " ".join(s["reason"] for s in sub.json("status"))
     assert "a repeated volume or the sender's clock went back" in reasons, reasons
     assert "duplicated or overlapping chunks" in reasons, reasons
+
+
+def test_resume_point_reads_the_last_sequence_of_the_session_from_the_end(tmp_path: Path) -> None:
+    """The restart's bookkeeping on real log files: several runs and sessions in one file, a
+    torn last line, a clean and an unclean end, a log longer than one read block."""
+    from emorecog_stream.sinks.jsonl import JsonlLog, LogResume, resume_point
+    from tests.plugins.mqtt_broker import sample_prediction
+
+    path = tmp_path / "s.jsonl"
+    assert resume_point(path, "A") is None  # no file yet
+    log = JsonlLog(path, session="A")
+    for i in range(400):  # > 64 KiB: the backwards read crosses blocks
+        log.on_prediction(sample_prediction("A", i))
+    log.close()
+    assert resume_point(path, "A") == LogResume(399, True)
+    other = JsonlLog(path, session="B")
+    other.on_prediction(sample_prediction("B", 0))
+    other._file.close()  # type: ignore[union-attr]  # B dies: no session_end
+    with open(path, "ab") as f:
+        f.write(b'{"kind":"prediction","session":"A","sequ')  # torn mid-write
+    assert resume_point(path, "A") == LogResume(399, True)  # B's lines are not A's
+    assert resume_point(path, "B") == LogResume(0, False)
+    assert resume_point(path, "C") is None
+    again = JsonlLog(path, session="A")  # appends on a fresh line after the torn one
+    again.on_prediction(sample_prediction("A", 400))
+    assert resume_point(path, "A") == LogResume(400, False)
+    again.close()
+    assert [r["sequence"] for r in read_log(path, "prediction") if r["session"] == "A"] == list(
+        range(401)
+    )
