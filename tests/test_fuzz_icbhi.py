@@ -140,6 +140,7 @@ def test_mutated_npz_files(npz_worker) -> None:
         ("mat_v73_bad_object_header.mat", "KeyError", "no key 'mri_d'"),
         ("mat_v73_bad_link.mat", "RuntimeError", "no key 'mri_d'"),
         ("mat_v73_bad_float_type.mat", "ValueError", r"v7\.3 \(HDF5\) file: ValueError"),
+        ("mat_v73_offset_overflow.mat", "OverflowError", r"v7\.3 \(HDF5\) file: OverflowError"),
     ],
 )
 def test_broken_mat_files_found_by_fuzzing(tmp_path, mat_worker, fixture, was, match) -> None:

@@ -715,6 +715,7 @@ def read_keras_v1_file(path: str | Path) -> KerasV1File:
         IndexError,
         AttributeError,
         RuntimeError,  # h5py: e.g. "Unable to synchronously check link existence (bad heap ...)"
+        OverflowError,  # h5py reading the archive's weights from memory: an address too large
         OSError,
         zipfile.BadZipFile,
     ) as exc:

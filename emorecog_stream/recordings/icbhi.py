@@ -104,7 +104,15 @@ def _load_mat(path: Path) -> dict[str, np.ndarray]:
             return _load_mat_v73(path, io.BytesIO(raw), len(raw))
         except IcbhiError:
             raise
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        except (
+            OSError,
+            KeyError,
+            RuntimeError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            OverflowError,  # h5py's file-object driver: an address beyond any offset
+        ) as exc:
             raise IcbhiError(
                 f"{path}: not a readable MATLAB v7.3 (HDF5) file: {type(exc).__name__}: {exc}"
             ) from None
