@@ -34,6 +34,16 @@ def rehearsal(session) -> sim.Rehearsal:
     return sim.prepare(session, sim.SimSettings(volumes=6, dummies=1, seed=3))
 
 
+_PLANS: dict[float, sim.Rehearsal] = {}
+
+
+def _planned(session, fmt: str, oblique: float) -> sim.Rehearsal:
+    """Four files on a grid tilted by ``oblique`` degrees, in ``fmt`` (planned once per tilt)."""
+    if oblique not in _PLANS:
+        _PLANS[oblique] = sim.prepare(session, sim.SimSettings(volumes=4, oblique_deg=oblique))
+    return _with_format(_PLANS[oblique], fmt)
+
+
 def _with_format(rehearsal: sim.Rehearsal, fmt: str) -> sim.Rehearsal:
     """The same plan written in another format (everything but the encoder is shared)."""
     settings = sim.SimSettings(**{**rehearsal.settings.__dict__, "fmt": fmt})
@@ -215,7 +225,7 @@ def _write(tmp_path: Path, r: sim.Rehearsal, index: int) -> tuple[list[Path], np
 def test_nifti_reads_back(tmp_path: Path, session, fmt: str, oblique: float) -> None:
     import nibabel as nib
 
-    r = sim.prepare(session, sim.SimSettings(fmt=fmt, volumes=4, oblique_deg=oblique))
+    r = _planned(session, fmt, oblique)
     paths, data = _write(tmp_path, r, 4)
     assert [p.name for p in paths] == [
         "series001_vol_00004.nii" + (".gz" if fmt == "nifti-gz" else "")
@@ -233,7 +243,7 @@ def test_nifti_reads_back(tmp_path: Path, session, fmt: str, oblique: float) -> 
 def test_siemens_mosaic_reads_back_through_nibabel(tmp_path: Path, session, oblique: float) -> None:
     import pydicom
 
-    r = sim.prepare(session, sim.SimSettings(fmt="dicom", volumes=4, oblique_deg=oblique))
+    r = _planned(session, "dicom", oblique)
     paths, data = _write(tmp_path, r, 3)
     assert [p.name for p in paths] == ["001_000001_000003.dcm"]
     ds = pydicom.dcmread(paths[0])  # valid Part 10 file: preamble, file meta, transfer syntax
@@ -253,7 +263,7 @@ def test_siemens_mosaic_reads_back_through_nibabel(tmp_path: Path, session, obli
 def test_ge_slices_read_back_through_nibabel(tmp_path: Path, session, oblique: float) -> None:
     import pydicom
 
-    r = sim.prepare(session, sim.SimSettings(fmt="dicom-slices", volumes=4, oblique_deg=oblique))
+    r = _planned(session, "dicom-slices", oblique)
     paths, data = _write(tmp_path, r, 2)
     assert len(paths) == 36
     # written in interleaved acquisition order, not in position order
@@ -282,7 +292,7 @@ def test_enhanced_multiframe_reads_back_through_nibabel(
 ) -> None:
     import pydicom
 
-    r = sim.prepare(session, sim.SimSettings(fmt="dicom-enhanced", volumes=4, oblique_deg=oblique))
+    r = _planned(session, "dicom-enhanced", oblique)
     paths, data = _write(tmp_path, r, 4)
     assert [p.name for p in paths] == ["series001_vol_00004.dcm"]
     ds = pydicom.dcmread(paths[0])
@@ -486,18 +496,16 @@ def test_the_bridge_reader_reads_every_format_and_the_atlas(
     from emorecog_stream.scanner import atlas as atlas_module
     from emorecog_stream.scanner import files
 
-    result = sim.simulate(
-        tmp_path,
-        session,
-        settings=sim.SimSettings(fmt=fmt, volumes=3, dummies=1, oblique_deg=8.0),
-        fast=True,
-    )
-    r = result.rehearsal
+    r = _planned(session, fmt, 15.0)
+    r.write_truth(tmp_path)
+    export = tmp_path / "export"
+    writer = sim.ScannerSim(export, r, fast=True).start()
+    assert writer.join(30)
     reader = files.VolumeReader()
     volumes = []
-    for path in sorted(result.export_dir.iterdir()):
+    for path in sorted(export.iterdir()):
         volumes.extend(reader.read(str(path)))
-    assert [v.index for v in volumes] == [0, 1, 2]
+    assert [v.index for v in volumes] == [0, 1, 2, 3]
     assert len({v.series for v in volumes}) == 1
     labels = atlas_module.load_atlas(tmp_path / "atlas.nii.gz", tmp_path / "atlas_labels.txt")
     assert labels.names[0] == "BN001" and labels.n_labels == N_ROIS
