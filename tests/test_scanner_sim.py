@@ -411,6 +411,8 @@ def test_settings_errors_name_what_was_expected(session) -> None:
         sim.SimSettings(fmt="minc")
     with pytest.raises(ValueError, match="leave none after 3 dummies"):
         sim.prepare(session, sim.SimSettings(volumes=3, dummies=3))
+    with pytest.raises(ValueError, match="more than the 1060 volumes of session P15"):
+        sim.prepare(session, sim.SimSettings(volumes=1062, dummies=1))
 
 
 # ------------------------------------------------------------------------------------------

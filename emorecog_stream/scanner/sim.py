@@ -687,6 +687,12 @@ def prepare(
                 f"scanner-sim settings: {settings.volumes} volumes leave none after"
                 f" {settings.dummies} dummies"
             )
+        if settings.volumes - settings.dummies > roi.shape[0]:
+            raise ValueError(
+                f"scanner-sim settings: {settings.volumes} volumes ({settings.dummies} dummies)"
+                f" ask for more than the {roi.shape[0]} volumes of session"
+                f" {session.participant}"
+            )
         roi = roi[: settings.volumes - settings.dummies]
     affine = grid_affine(settings.shape, settings.voxel_mm, settings.oblique_deg)
     phantom = make_phantom(settings.shape, affine, settings.seed, settings.psf_mm)
