@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scanner-format",
         default="dicom",
-        choices=("dicom", "dicom-slices", "nifti", "nifti-gz"),
+        choices=("dicom", "dicom-slices", "dicom-enhanced", "nifti", "nifti-gz"),
         help="with --scanner: what the simulated scanner writes (default: Siemens-style mosaic"
         " DICOM, one file per volume)",
     )
