@@ -1,19 +1,22 @@
 """Fuzz every reader of outside data for longer than CI does, and report what breaks.
 
-For each reader (see ``tests/fuzzing.py`` for the list and the bar) this runs mutated real
-files for ``--seconds`` seconds in a worker process with an address-space limit and a 5 s
-per-input timer: byte-level mutations of the seeds (bit flips, interesting integers, truncation,
-deleted, duplicated and spliced ranges, XDF length and sample-count fields claiming far more
-than the file holds). ``--engine atheris`` uses atheris's coverage-guided mutator instead (where
-atheris is installed), still through the same worker.
+For each reader (see ``tests/fuzzing.py`` for the list and the bar) this runs inputs for
+``--seconds`` seconds in a worker process with an address-space limit and a 5 s per-input timer.
+``--layer mutate`` (default): byte-level mutations of real files (bit flips, interesting
+integers, truncation, deleted, duplicated and spliced ranges, XDF length and sample-count fields
+claiming far more than the file holds). ``--layer structured``: the CI tests' hypothesis
+generators, drawn at random; ``both``: half and half. ``--engine atheris``: atheris's
+coverage-guided mutator (libFuzzer) in a child process, through the same per-input check and
+memory budget; its start is slow (the readers are imported under instrumentation).
 
 Printed per reader: inputs tried, outcomes (read / rejected with a documented error / failed)
-and each kind of failure with its count. Each failing input is shrunk (delta debugging, same
-failure kind) and saved under ``--save`` so that it can become a regression fixture. The last
-line is one JSON object with the same figures.
+and each kind of failure with its count. With ``--save`` each first failing input of a kind is
+shrunk (delta debugging, same failure kind) and saved with its traceback, so that it can become
+a regression fixture, and so is the slowest input. The last line is one JSON object.
 
     nice -n 10 python benchmarks/bench_fuzz.py --seconds 20
     nice -n 10 python benchmarks/bench_fuzz.py --seconds 60 --targets xdf,keras --save /tmp/fz
+    nice -n 10 python benchmarks/bench_fuzz.py --seconds 30 --layer both
 """
 
 from __future__ import annotations
@@ -52,6 +55,50 @@ def shrink(worker: Worker, data: bytes, label: str, budget: int = 150) -> bytes:
         if not changed:
             chunk //= 2
     return data
+
+
+def structured_strategies(name: str) -> list:
+    """The hypothesis strategies of the CI tests for ``name`` (drawn at random here)."""
+    from hypothesis import strategies as st
+
+    from tests import (
+        test_fuzz_config,
+        test_fuzz_icbhi,
+        test_fuzz_lsl,
+        test_fuzz_markers,
+        test_fuzz_model,
+        test_fuzz_xdf,
+    )
+
+    markers = st.lists(test_fuzz_markers.marker_texts(), min_size=1, max_size=6).map(
+        lambda texts: "\x1e".join(texts).encode("utf-8", "surrogatepass")
+    )
+    return {
+        "xdf": [test_fuzz_xdf.xdf_files()],
+        "icbhi_mat": [test_fuzz_icbhi.mat_files()],
+        "icbhi_npz": [test_fuzz_icbhi.npz_files()],
+        "keras": [test_fuzz_model.keras_graph_files(), test_fuzz_model.keras_weight_files()],
+        "checkpoint": [test_fuzz_model.checkpoint_files()],
+        "config": [test_fuzz_config.toml_documents()],
+        "mqtt_url": [test_fuzz_config.urls()],
+        "mqtt_password_file": [st.binary(max_size=64)],
+        "lsl_xml": [test_fuzz_lsl.stream_xml()],
+        "markers": [markers],
+    }.get(name, [])
+
+
+def draw_structured(strategies: list, rng: random.Random) -> bytes | None:
+    """One input from one of ``strategies`` (None when hypothesis rejected the draw)."""
+    import warnings
+
+    from hypothesis.errors import NonInteractiveExampleWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonInteractiveExampleWarning)
+        try:
+            return bytes(rng.choice(strategies).example())
+        except Exception:  # an unsatisfiable draw (hypothesis.reject) in the generator
+            return None
 
 
 def fuzz_target_atheris(
@@ -120,11 +167,12 @@ def fuzz_target_atheris(
 
 
 def fuzz_target(
-    name: str, seconds: float, seed: int, save: Path | None, hang_s: float
+    name: str, seconds: float, seed: int, save: Path | None, hang_s: float, layer: str = "mutate"
 ) -> dict[str, object]:
     target = get_target(name)
     seeds = [data for _, data in target.seeds()]
     rng = random.Random(f"{seed}:{name}")
+    strategies = structured_strategies(name) if layer in ("structured", "both") else []
     statuses: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     examples: dict[str, str] = {}
@@ -138,7 +186,11 @@ def fuzz_target(
                 failures[outcome.label()] += 1
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            data = mutate(rng.choice(corpus), rng, seeds)
+            structured = strategies and (layer == "structured" or rng.random() < 0.5)
+            drawn = draw_structured(strategies, rng) if structured else None
+            if structured and drawn is None:
+                continue
+            data = drawn if drawn is not None else mutate(rng.choice(corpus), rng, seeds)
             outcome: Outcome = worker.run(data)
             statuses[outcome.status] += 1
             if outcome.seconds > slowest:
@@ -190,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="", help="comma-separated (default: all)")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--engine", choices=("mutate", "atheris"), default="mutate")
+    parser.add_argument(
+        "--layer",
+        choices=("mutate", "structured", "both"),
+        default="mutate",
+        help="plain mutator: byte mutants of real files, the CI tests' hypothesis generators"
+        " (drawn at random, no shrinking), or half and half",
+    )
     parser.add_argument("--save", type=Path, default=None, help="folder for shrunk failures")
     parser.add_argument("--hang-s", type=float, default=HANG_S)
     args = parser.parse_args(argv)
@@ -200,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "atheris":
             r = fuzz_target_atheris(name, args.seconds, args.save, args.hang_s)
         else:
-            r = fuzz_target(name, args.seconds, args.seed, args.save, args.hang_s)
+            r = fuzz_target(name, args.seconds, args.seed, args.save, args.hang_s, args.layer)
         results[name] = r
         took = time.monotonic() - started
         detail = (
@@ -225,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "benchmark": "fuzz",
                 "engine": args.engine,
+                "layer": args.layer,
                 "seconds_per_reader": args.seconds,
                 "seed": args.seed,
                 "hang_s": args.hang_s,

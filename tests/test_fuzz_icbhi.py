@@ -81,6 +81,19 @@ def mat_files(draw) -> bytes:
 
 
 @FUZZ
+@given(values=st.dictionaries(st.sampled_from(["mri_d", "x", "y"]), mat_values(), max_size=3))
+def test_the_element_size_check_accepts_what_scipy_writes(values) -> None:
+    import scipy.io
+
+    from emorecog_stream.recordings.icbhi import _mat5_element_sizes
+
+    for compress in (False, True):
+        raw = io.BytesIO()
+        scipy.io.savemat(raw, values, do_compression=compress)
+        assert _mat5_element_sizes(raw.getvalue()) is None
+
+
+@FUZZ
 @given(data=mat_files())
 def test_generated_mat_files(mat_worker, data: bytes) -> None:
     found = failures_of(mat_worker, [data])
@@ -141,6 +154,8 @@ def test_mutated_npz_files(npz_worker) -> None:
         ("mat_v73_bad_link.mat", "RuntimeError", "no key 'mri_d'"),
         ("mat_v73_bad_float_type.mat", "ValueError", r"v7\.3 \(HDF5\) file: ValueError"),
         ("mat_v73_offset_overflow.mat", "OverflowError", r"v7\.3 \(HDF5\) file: OverflowError"),
+        # found by atheris: scipy allocated the byte count of an element tag (9,896 in 589 bytes)
+        ("mat_v5_huge_element.mat", "MemoryError", r"byte 128 declares 9896 bytes, but only 453"),
     ],
 )
 def test_broken_mat_files_found_by_fuzzing(tmp_path, mat_worker, fixture, was, match) -> None:

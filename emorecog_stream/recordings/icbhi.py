@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,10 @@ def _load_mat(path: Path) -> dict[str, np.ndarray]:
 def _load_mat_v5(path: Path, raw: bytes) -> dict[str, np.ndarray]:
     import scipy.io
 
+    if raw[124:126] in (b"\x00\x01", b"\x01\x00"):  # a v5 header; v4 files have none
+        problem = _mat5_element_sizes(raw)
+        if problem:
+            raise IcbhiError(f"{path}: corrupt MATLAB file: {problem}")
     try:
         # from memory: a file object's read(n) allocates n bytes before reading, and scipy
         # reads lengths taken from the file
@@ -140,6 +146,55 @@ def _load_mat_v5(path: Path, raw: bytes) -> dict[str, np.ndarray]:
             f"{path}: not a readable MATLAB file: {type(exc).__name__}: {exc}"
         ) from exc
     return {k: v for k, v in data.items() if not k.startswith("__")}
+
+
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAT5_MAX_DEPTH = 32
+
+
+def _mat5_element_sizes(raw: bytes) -> str | None:
+    """Why a MATLAB v5 file's element tags cannot be right, or None.
+
+    scipy allocates the byte count of every data element's tag (variable headers included,
+    also for variables it then skips) before reading it; so each count is checked against the
+    bytes its container holds (the file, a variable, a decompressed variable), walking the
+    tags only. Compressed variables are decompressed here to check what they hold (zlib
+    bounds that to ~1000 x their size).
+    """
+    endian = "<" if raw[126:128] == b"IM" else ">"
+    return _mat5_walk(raw, 128, len(raw), endian, 0, "byte")
+
+
+def _mat5_walk(buf: bytes, start: int, end: int, endian: str, depth: int, where: str) -> str | None:
+    if depth > _MAT5_MAX_DEPTH:
+        return f"arrays nested more than {_MAT5_MAX_DEPTH} deep"
+    pos = start
+    while pos + 8 <= end:
+        mdtype, nbytes = struct.unpack(endian + "II", buf[pos : pos + 8])
+        if mdtype >> 16:  # small data element: its (<= 4) bytes are inside the tag
+            pos += 8
+            continue
+        body = pos + 8
+        if nbytes > end - body:
+            return (
+                f"the data element at {where} {pos} declares {nbytes} bytes, but only"
+                f" {end - body} follow it"
+            )
+        if mdtype == _MI_COMPRESSED and depth == 0:
+            try:
+                inner = zlib.decompressobj().decompress(buf[body : body + nbytes])
+            except zlib.error as exc:
+                return f"the compressed variable at byte {pos} is corrupt ({exc})"
+            where_inner = f"byte (of the variable decompressed from byte {pos})"
+            problem = _mat5_walk(inner, 0, len(inner), endian, depth + 1, where_inner)
+        elif mdtype == _MI_MATRIX:
+            problem = _mat5_walk(buf, body, body + nbytes, endian, depth + 1, where)
+        else:
+            problem = None
+        if problem:
+            return problem
+        pos = body + nbytes + (0 if depth == 0 else -nbytes % 8)  # sub-elements are padded
+    return None
 
 
 def _load_mat_v73(path: Path, raw: io.BytesIO, size: int) -> dict[str, np.ndarray]:
