@@ -61,6 +61,11 @@ class ConfigError(ValueError):
 MODEL_THREAD_CHOICES = ("auto", "always", "never")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MQTT_URL = re.compile(
+    r"^mqtts?://(?:[^@/\s]+@)?(?:\[[^\]/\s]+\]|[^:/\s@\[\]]+)(?::\d{1,5})?/?$", re.IGNORECASE
+)
+"""mqtt[s]://[user@]host[:port], host a name, an IPv4 address or an [IPv6] address; the port
+digits only (``sinks.mqtt`` checks its range), so a typo is reported here with the file's name."""
 
 
 @dataclass
@@ -254,7 +259,7 @@ class MqttConfig:
     message_expiry: int = 3600
 
     def check(self, section: str) -> None:
-        if self.url and not re.match(r"^mqtts?://[^/\s]+(:\d+)?/?$", self.url):
+        if self.url and not _MQTT_URL.match(self.url):
             raise ConfigError(
                 f"[{section}] url: expected mqtt://host[:port] or mqtts://host[:port],"
                 f" found {self.url!r}"

@@ -178,3 +178,14 @@ def test_a_password_file_that_is_not_utf8_is_an_mqtt_config_error(tmp_path) -> N
     path.write_bytes((FUZZ_FIXTURES / "password_not_utf8.bin").read_bytes())
     with pytest.raises(MqttConfigError, match=rf"{path} is not UTF-8 text \(byte 0 is not\)"):
         MqttSettings.from_url("mqtt://lab@127.0.0.1", password_file=str(path))
+
+
+def test_a_bad_port_in_the_config_is_a_config_error_naming_the_file(tmp_path) -> None:
+    # found by atheris: the [mqtt] url check let "mqtt://lab@127.0.0.1:188~4" through, and the
+    # error came later from the MQTT settings without the file's name
+    from emorecog_stream.config import ConfigError, load_config
+
+    path = tmp_path / "lab.toml"
+    path.write_bytes((FUZZ_FIXTURES / "config_bad_port.toml").read_bytes())
+    with pytest.raises(ConfigError, match=r"lab\.toml: \[mqtt\] url: expected mqtt://host\[:port\]"):
+        load_config(path)
