@@ -25,12 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(find_mosquitto() is None, reason="the soak benchmark needs Mosquitto")
 def test_short_soak_run_loses_nothing_and_reports_its_figures() -> None:
+    options = ["--hours", "0.1", "--speed", "30", "--warmup-h", "0.02", "--sample-s", "1"]
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench_soak.py"),
-            "--hours", "0.1", "--speed", "30", "--warmup-h", "0.02", "--sample-s", "1",
-        ],  # fmt: skip
+        [sys.executable, str(REPO / "benchmarks" / "bench_soak.py"), *options],
         capture_output=True,
         text=True,
         timeout=220,
