@@ -384,6 +384,7 @@ def test_sigterm_and_ctrl_c_flush_set_offline_and_close_the_log(
     records = read_log(log)
     assert records[-1]["kind"] == "session_end"
     assert records[-1]["predictions"] == len(predictions_logged(log))
+    assert [r for r in records if r["kind"] == "summary"], "no summary record in the log"
     statuses = [r for r in records if r["kind"] == "status"]
     assert statuses[-1]["state"] == "offline" and statuses[-1]["reason"] == "engine stopped"
     if broker_up:
