@@ -255,6 +255,8 @@ def test_a_weight_declaring_8_gib_without_storing_it_allocates_nothing(tmp_path)
         ("keras_checkpoint_huge_sizes.pt", KerasV1Error, r"checkpoint lacks tensor"),
         # was: RuntimeError "Boolean value of Tensor with no values is ambiguous"
         ("keras_checkpoint_tensor_version.pt", KerasV1Error, r"format_version tensor\(\[\]\)"),
+        # was: TypeError from the model id's JSON hash of the config (found with --layer both)
+        ("checkpoint_tensor_in_config.pt", CheckpointError, r"config: expected plain numbers"),
     ],
 )
 def test_checkpoints_found_by_fuzzing(tmp_path, ckpt_worker, fixture, error, match) -> None:

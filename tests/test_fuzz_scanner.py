@@ -45,3 +45,14 @@ def test_dicom_files_found_by_fuzzing(tmp_path, worker, fixture, was, error) -> 
     if error is None:
         assert type(info.value) is VolumeReadError  # broken, not a file still being written
     assert not worker.run(path.read_bytes()).failed
+
+
+def test_a_nifti_time_unit_code_that_nifti_does_not_define_gives_no_tr(tmp_path, worker) -> None:
+    # was: KeyError 128 from nibabel's get_xyzt_units (found with --layer both)
+    from emorecog_stream.scanner.files import read_nifti
+
+    path = tmp_path / "in.nii"
+    shutil.copy(FUZZ_FIXTURES / "nifti_unknown_time_unit.nii", path)
+    (volume,) = read_nifti(str(path))
+    assert volume.tr is None and volume.data.shape == (2, 2, 2)
+    assert not worker.run(path.read_bytes()).failed

@@ -195,7 +195,15 @@ def net_from_checkpoint(data: dict[str, Any], path: str | Path) -> EmoRecogNet:
             f" expected {list(CATEGORY_LABELS)}"
         )
     try:
-        config = NetConfig.from_dict(dict(data["config"]))
+        raw_config = dict(data["config"])
+        try:
+            json.dumps(raw_config)  # plain values only: the model id hashes the config as JSON
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"model checkpoint {str(path)!r}: config: expected plain numbers and strings,"
+                f" found {exc}"
+            ) from None
+        config = NetConfig.from_dict(raw_config)
         with torch.device("meta"):  # shapes only: sizes read from the file allocate nothing
             expected = EmoRecogNet(config).state_dict()
         _check_shapes(path, expected, data["state_dict"])

@@ -237,7 +237,10 @@ def _nifti_tr(header, path: str) -> tuple[float | None, tuple[ReadWarning, ...]]
     value = float(header["pixdim"][4])
     if not np.isfinite(value) or value <= 0:
         return None, ()
-    unit = header.get_xyzt_units()[1]
+    try:
+        unit = header.get_xyzt_units()[1]
+    except KeyError:  # a unit code NIfTI does not define: no telling what pixdim[4] is
+        return None, ()
     if unit == "msec":
         return value / 1000.0, ()
     if unit == "usec":
