@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "scanner": "watch the scanner's export folder and publish motion-corrected ROI means on LSL",
     "web": "serve the live feedback and experimenter pages in the browser",
     "report": "turn a session log (JSONL) into a self-contained HTML report",
+    "rerun": "feed recordings through the live pipeline at full speed (logs, MQTT)",
 }
 
 

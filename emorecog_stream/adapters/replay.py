@@ -22,8 +22,9 @@ source_id, which is how tests make "PPG vanishes for 20 s then returns" happen f
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pylsl
@@ -289,6 +290,22 @@ class Replayer:
             raise RuntimeError("Replayer not started")
         base = loop * self.duration + sum(p.span for p in self._plans[:session])
         return self.start_time + base + (t - self._plans[session].t0) / self.speed
+
+    def pushes(self, session: int = 0) -> Iterator[tuple[float, Role, Any, np.ndarray]]:
+        """``sessions[session]``'s pushes in the order the scheduler makes them, without LSL:
+        ``(due, role, values, timestamps)`` with times in seconds from the session's start
+        (speed applied). ``rerun`` feeds the engine exactly these chunks."""
+        plan = self._plans[session]
+        for due, role_i, b, e in zip(
+            plan.due.tolist(), plan.role.tolist(), plan.begin.tolist(), plan.end.tolist(),
+            strict=True,
+        ):  # fmt: skip
+            role = _ROLES[role_i]
+            yield due, role, plan.data[role][b:e], plan.rel[role][b:e]
+
+    def recording_time(self, session: int = 0) -> float:
+        """The recording time of ``sessions[session]``'s first sample (its offset 0)."""
+        return self._plans[session].t0
 
     @property
     def duration(self) -> float:

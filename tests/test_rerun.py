@@ -1,0 +1,192 @@
+"""``rerun``: recordings through the live pipeline at full speed, compared with the real thing.
+
+The reference is a real-time replay through ``run`` (``run_engine`` on real LSL outlets and
+inlets, sped up, publishing to a real Mosquitto, as tests/test_e2e.py does): the re-run's
+predictions must equal what a subscriber received, field by field, except the wall-clock
+time (``utc``) and ``latency_ms``; ``volume_timestamp`` is compared on the replay's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emorecog_stream.cli import main as cli_main
+from emorecog_stream.model import load_model
+from emorecog_stream.recordings.synth import SynthConfig, generate_session
+from emorecog_stream.recordings.xdf import write_xdf
+from emorecog_stream.rerun import config_for, rerun_session, session_ids
+from emorecog_stream.sinks.jsonl import read_log
+from emorecog_stream.sinks.payload import prediction_payload
+from tests.test_e2e import off_grid, run_replay_through_engine
+
+SHORT = SynthConfig(n_participants=3, n_trials=3, rest_s=5.0, lead_in_s=5.0)  # 95 volumes
+EXACT = ("sequence", "tr_index", "category", "level", "heart_rate_valid",
+         "respiration_rate_valid", "flags", "framewise_displacement", "model_id", "session",
+         "schema_version")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def session():
+    return off_grid(generate_session(1, SHORT))
+
+
+def rerun_payloads(session, model, session_id: str, **options) -> list[dict]:
+    result = asyncio.run(
+        rerun_session(session, model, session_id=session_id, keep_predictions=True, **options)
+    )
+    return [prediction_payload(p) for p in result.predictions]
+
+
+def assert_same_predictions(live: list[dict], rerun: list[dict], live_stamp) -> None:
+    """Field by field; ``live_stamp`` maps a recording time to the live run's LSL time."""
+    assert len(live) == len(rerun)
+    for a, b in zip(live, rerun, strict=True):
+        assert set(a) == set(b)
+        for key in EXACT:
+            assert a[key] == b[key], (key, a["sequence"], a[key], b[key])
+        # LSL's clock correction moves live timestamps by microseconds (x10 at speed 10); the
+        # heart rate moves by ~1e-4 bpm and the outputs by ~1e-5 (see tests/test_e2e.py)
+        for label in ("negative", "neutral", "positive"):
+            assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=3e-5)
+        assert a["intensity"] == pytest.approx(b["intensity"], abs=1e-4)
+        for rate in ("heart_rate", "respiration_rate"):
+            if b[rate] is None:
+                assert a[rate] is None, (rate, a["sequence"])
+            else:
+                assert a[rate] == pytest.approx(b[rate], abs=1e-3), (rate, a["sequence"])
+        assert a["volume_timestamp"] == pytest.approx(live_stamp(b["volume_timestamp"]), abs=1e-3)
+        assert b["latency_ms"] == 0.0  # the re-run's clock does not move while it works
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_rerun_equals_a_real_time_replay_through_run(
+    model, session, mqtt_broker, mqtt_collector
+) -> None:
+    session_id = f"rerun-{uuid.uuid4().hex[:8]}"
+    sub = mqtt_collector(mqtt_broker, [f"emorecog/{session_id}/#"])
+    replayer, _engine, printed = run_replay_through_engine(
+        session, model, mqtt_broker.url, session_id
+    )
+    assert sub.wait_for(lambda m: any(x.json().get("state") == "offline" for x in m), 15)
+    live = sub.unique_by_sequence("prediction")
+    assert len(live) == session.n_volumes, printed
+
+    rerun = rerun_payloads(session, model, session_id)
+    assert_same_predictions(live, rerun, replayer.timestamp_of)
+    # the replay's own chunking (20 ms pushes) gives the same predictions, exactly
+    strip = [{k: v for k, v in p.items() if k != "utc"} for p in rerun]
+    fine = [
+        {k: v for k, v in p.items() if k != "utc"}
+        for p in rerun_payloads(session, model, session_id, chunk_seconds=0.02)
+    ]
+    assert fine == strip
+
+
+def test_rerun_deadline_and_stall_as_live(model) -> None:
+    """PPG missing for 20 s mid-session, with a stall timeout (10 s) longer than the aligner's
+    deadline (2 s): the first volumes of the gap come out on their deadline, the rest once the
+    stream counts as stalled, all with the heart rate missing; the status goes degraded and
+    back, as live. Deadlines and stalls are judged on the data's clock."""
+    s = generate_session(2, SHORT)
+    t = s.ppg.timestamps
+    keep = (t < t[0] + 40.0) | (t > t[0] + 60.0)
+    s.ppg.timestamps = t[keep]
+    s.ppg.data = s.ppg.data[keep]
+    statuses = []
+
+    class Status:
+        def on_prediction(self, prediction, step) -> None:
+            pass
+
+        def on_status(self, status) -> None:
+            statuses.append(status.state)
+
+        async def aclose(self) -> None:
+            pass
+
+    result = asyncio.run(
+        rerun_session(
+            s,
+            model,
+            session_id="gap",
+            config=config_for("gap", **{"engine.stall_timeout": 10.0}),
+            keep_predictions=True,
+            outputs=[Status()],
+        )
+    )
+    preds = result.predictions
+    assert [p.sequence for p in preds] == list(range(s.n_volumes))
+    assert result.counters.deadline_steps > 0
+    assert sum("deadline_expired" in p.flags for p in preds) == result.counters.deadline_steps
+    gap = [p for p in preds if "heart_rate_missing" in p.flags]
+    assert gap and all(not p.heart_rate_valid for p in gap)
+    assert "degraded" in statuses and statuses[-1] == "offline"
+    assert statuses.index("degraded") < len(statuses) - 2  # and online again after it
+    assert "online" in statuses[statuses.index("degraded"):]
+
+
+def test_session_ids_unique_and_topic_safe() -> None:
+    a = generate_session(1, SHORT)
+    b = generate_session(1, SHORT)
+    a.participant = "P 01/x"
+    b.participant = "P 01/x"
+    assert session_ids([a, b]) == ["P_01_x", "P_01_x-2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_rerun_command_logs_and_publishes_two_recordings(
+    tmp_path: Path, model, mosquitto_broker, mqtt_collector, capsys
+) -> None:
+    path = write_xdf(generate_session(3, SHORT), tmp_path / "P03.xdf")
+    out = tmp_path / "logs"
+    sub = mqtt_collector(mosquitto_broker, ["emorecog/P03/#", "emorecog/P03-2/#"])
+    rc = cli_main(
+        ["rerun", str(path), str(path), "--out", str(out), "--mqtt", mosquitto_broker.url,
+         "--jobs", "2"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == ["P03-2.jsonl", "P03.jsonl"]
+    n = generate_session(3, SHORT).n_volumes
+    logged = {}
+    for sid in ("P03", "P03-2"):
+        preds = read_log(out / f"{sid}.jsonl", "prediction")
+        assert [p["sequence"] for p in preds] == list(range(n))
+        logged[sid] = preds
+        kinds = [r["kind"] for r in read_log(out / f"{sid}.jsonl")]
+        assert kinds[0] == "session_start" and kinds[-1] == "session_end"
+    # the same recording twice: the same predictions under two session ids
+    for a, b in zip(logged["P03"], logged["P03-2"], strict=True):
+        assert a["probabilities"] == b["probabilities"] and a["flags"] == b["flags"]
+
+    def done(messages) -> bool:
+        off = {m.topic.split("/")[1] for m in messages if m.json().get("state") == "offline"}
+        return off == {"P03", "P03-2"}
+
+    assert sub.wait_for(done, 20)
+    for sid in ("P03", "P03-2"):
+        got = [m.json() for m in sub.of("prediction") if m.topic == f"emorecog/{sid}/prediction"]
+        assert [p["sequence"] for p in got] == list(range(n))
+        assert [p["probabilities"] for p in got] == [p["probabilities"] for p in logged[sid]]
+    assert "re-ran 2 session(s)" in printed
+    stamps = np.array([p["volume_timestamp"] for p in logged["P03"]])
+    assert np.all(np.diff(stamps) > 0)
+
+
+def test_rerun_command_refuses_bad_input(tmp_path: Path, capsys) -> None:
+    assert cli_main(["rerun", str(tmp_path / "missing.xdf")]) == 2
+    assert "cannot re-run" in capsys.readouterr().err
+    assert cli_main(["rerun", "x.xdf", "--chunk-ms", "5000"]) == 2
+    assert "aligner deadline" in capsys.readouterr().err
