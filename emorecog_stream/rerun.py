@@ -269,7 +269,8 @@ def _chunk_data(role: Role, values: Any) -> Any:
 _WORKER_MODEL: Any = None
 
 
-def _load_worker_model(model_path: str | None) -> None:
+def load_worker_model(model_path: str | None) -> None:
+    """A worker process's initializer: load the model once for every job it runs."""
     global _WORKER_MODEL
     from emorecog_stream.model import load_model
 
@@ -288,7 +289,8 @@ class RerunJob:
     config: Config | None = None
 
 
-def _run_job(job: RerunJob) -> RerunResult:
+def run_job(job: RerunJob) -> RerunResult:
+    """Re-run one job in a worker started with :func:`load_worker_model`."""
     assert _WORKER_MODEL is not None, "worker started without its model"
     return asyncio.run(
         rerun_session(
@@ -358,10 +360,10 @@ def rerun_many(
     with ProcessPoolExecutor(
         max_workers=min(jobs, len(job_list)),
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_load_worker_model,
+        initializer=load_worker_model,
         initargs=(model_path,),
     ) as pool:
-        return list(pool.map(_run_job, job_list))
+        return list(pool.map(run_job, job_list))
 
 
 __all__ = [
@@ -369,9 +371,12 @@ __all__ = [
     "DataClock",
     "DataDrivenEngine",
     "RerunError",
+    "RerunJob",
     "RerunResult",
     "config_for",
+    "load_worker_model",
     "rerun_many",
     "rerun_session",
+    "run_job",
     "session_ids",
 ]
