@@ -84,6 +84,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="keep the streams up S seconds after the last sample so inlets get it all (default 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="play the sessions at the same time as distinct sessions (streams tagged with each"
+        " session's id, e.g. EmoRecog-fMRI-P15), not back to back",
+    )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        metavar="N",
+        help="play N copies of every session at once as distinct sessions P15, P15-2, ..."
+        " (implies --parallel)",
+    )
 
 
 def _roles(text: str) -> list[Role] | None:
@@ -126,6 +140,12 @@ def main(args: argparse.Namespace) -> int:
         if not loaded:
             raise UsageError(f"cannot replay {path}: no session found in it")
         sessions.extend(loaded)
+    if args.copies < 1:
+        raise UsageError(f"--copies: expected a number >= 1, got {args.copies}")
+    if args.parallel or args.copies > 1:
+        from emorecog_stream.commands.replay_parallel import replay_parallel
+
+        return replay_parallel(sessions * args.copies, args, roles, console)
     try:
         replayer = Replayer(
             sessions,
