@@ -1,0 +1,118 @@
+"""The hub: several sessions in one process and one model, on real LSL and a real Mosquitto.
+
+Each session's predictions must equal what ``rerun`` gives for its recording (which in turn
+equals a real-time replay through a single-session ``run``: tests/test_rerun.py), and a
+session whose streams do not exist must fail alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from emorecog_stream.adapters.replay_group import ReplayGroup
+from emorecog_stream.config import apply_overrides, load_config
+from emorecog_stream.hub import HubError, HubSession, load_sessions_file, run_hub
+from emorecog_stream.model import load_model
+from emorecog_stream.recordings.synth import generate_session
+from emorecog_stream.sinks.jsonl import read_log
+from emorecog_stream.streams import Role
+from tests.test_e2e import off_grid
+from tests.test_rerun import SHORT, assert_same_predictions, rerun_payloads
+
+SPEED = 10.0
+N = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_hub_serves_sessions_alone_and_together(
+    tmp_path: Path, model, mosquitto_broker, mqtt_collector
+) -> None:
+    config_n = replace(SHORT, n_participants=N)
+    recordings = [off_grid(generate_session(i + 1, config_n)) for i in range(N)]
+    run = uuid.uuid4().hex[:6]
+    ids = [f"hub{run}-{i}" for i in range(N)]
+    group = ReplayGroup(recordings, ids, tag=f"t{run}", speed=SPEED)
+    sessions = [HubSession(sid, m.tag) for sid, m in zip(ids, group.members, strict=True)]
+    broken = HubSession(f"hub{run}-missing", f"t{run}-nobody")  # no such streams
+    base = apply_overrides(
+        load_config(None),
+        {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 3.0},
+    )
+    sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
+    engines: dict[str, object] = {}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def on_engine(session_id, engine) -> None:
+            engines[session_id] = engine
+            if len(engines) == N:
+                threading.Thread(target=play, daemon=True).start()
+
+        def play() -> None:
+            assert group.wait_for_consumers([Role.FMRI, Role.PPG, Role.RESP], timeout=10.0)
+            group.start(delay=0.2)
+            group.join()
+            time.sleep(3.0 / SPEED + 0.5)
+            for engine in engines.values():
+                loop.call_soon_threadsafe(engine.stop)
+
+        group.open()
+        return await run_hub(
+            base, [*sessions, broken], model=model, log_dir=tmp_path, time_scale=SPEED,
+            on_engine=on_engine,
+        )  # fmt: skip
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        group.stop()
+    by_id = {r.session_id: r for r in results}
+    assert by_id[broken.id].error and "fMRI" in by_id[broken.id].error
+    for sid in ids:
+        assert by_id[sid].error is None
+    offline = {sid for sid in ids}
+
+    def all_offline(messages) -> bool:
+        done = {m.topic.split("/")[1] for m in messages if m.json().get("state") == "offline"}
+        return offline <= done
+
+    assert sub.wait_for(all_offline, 20)
+    for i, sid in enumerate(ids):
+        live = [m.json() for m in sub.of("prediction") if m.topic == f"emorecog/{sid}/prediction"]
+        assert [p["sequence"] for p in live] == list(range(recordings[i].n_volumes))
+        expected = rerun_payloads(recordings[i], model, sid)
+        replayer = group.members[i].replayer
+        assert_same_predictions(live, expected, replayer.timestamp_of)
+        logged = read_log(tmp_path / f"{sid}.jsonl", "prediction")
+        assert [p["sequence"] for p in logged] == [p["sequence"] for p in live]
+
+
+def test_sessions_file(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.toml"
+    path.write_text('[[session]]\nid = "s1"\n\n[[session]]\nid = "s2"\ntag = "scanner2"\n')
+    assert load_sessions_file(path) == [HubSession("s1", "s1"), HubSession("s2", "scanner2")]
+    path.write_text('[[session]]\nid = "s1"\n[[session]]\nid = "s1"\n')
+    with pytest.raises(HubError, match="listed twice"):
+        load_sessions_file(path)
+    path.write_text('[[session]]\nid = "a/b"\n')
+    with pytest.raises(HubError, match="id"):
+        load_sessions_file(path)
+    path.write_text('[[session]]\nid = "s1"\nname = "x"\n')
+    with pytest.raises(HubError, match="unknown key"):
+        load_sessions_file(path)
+    with pytest.raises(HubError, match="sessions file"):
+        load_sessions_file(tmp_path / "missing.toml")
