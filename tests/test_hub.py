@@ -116,3 +116,65 @@ def test_sessions_file(tmp_path: Path) -> None:
         load_sessions_file(path)
     with pytest.raises(HubError, match="sessions file"):
         load_sessions_file(tmp_path / "missing.toml")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_hubs_on_one_broker_split_sessions_without_overlap(
+    tmp_path: Path, mosquitto_broker, mqtt_collector
+) -> None:
+    """Two ``run --sessions`` processes, each with its own file, on one broker: every session
+    is served by exactly one of them (its log in that hub's folder only, each prediction
+    published once), and SIGTERM stops each hub with its sessions offline."""
+    import signal
+    import subprocess
+    import sys
+
+    config_n = replace(SHORT, n_participants=N)
+    recordings = [off_grid(generate_session(i + 1, config_n)) for i in range(N)]
+    run = uuid.uuid4().hex[:6]
+    ids = [f"two{run}-{i}" for i in range(N)]
+    group = ReplayGroup(recordings, ids, tag=f"u{run}", speed=SPEED)
+    group.open()
+    halves = {"a": group.members[: N // 2], "b": group.members[N // 2 :]}
+    sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
+    procs = {}
+    try:
+        for name, members in halves.items():
+            toml = tmp_path / f"{name}.toml"
+            toml.write_text("".join(
+                f'[[session]]\nid = "{m.session_id}"\ntag = "{m.tag}"\n\n' for m in members
+            ))  # fmt: skip
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "emorecog_stream", "run", "--sessions", str(toml),
+                 "--mqtt", mosquitto_broker.url, "--replay-speed", str(SPEED),
+                 "--log", str(tmp_path / f"logs-{name}"), "--no-dashboard"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        assert group.wait_for_consumers([Role.FMRI, Role.PPG, Role.RESP], timeout=60.0)
+        group.start(delay=0.2)
+        assert group.join(60.0)
+        time.sleep(3.0 / SPEED + 1.0)
+        outputs = {}
+        for name, proc in procs.items():
+            proc.send_signal(signal.SIGTERM)
+            outputs[name] = proc.communicate(timeout=30)[0]
+            assert proc.returncode == 0, outputs[name]
+    finally:
+        group.stop()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for name, members in halves.items():
+        logs = sorted(p.name for p in (tmp_path / f"logs-{name}").iterdir())
+        assert logs == sorted(f"{m.session_id}.jsonl" for m in members), outputs[name]
+
+    def all_offline(messages) -> bool:
+        done = {m.topic.split("/")[1] for m in messages if m.json().get("state") == "offline"}
+        return set(ids) <= done
+
+    assert sub.wait_for(all_offline, 20)
+    for i, sid in enumerate(ids):
+        got = [m.json() for m in sub.of("prediction") if m.topic == f"emorecog/{sid}/prediction"]
+        # published once each: one hub served the session
+        assert [p["sequence"] for p in got] == list(range(recordings[i].n_volumes)), sid

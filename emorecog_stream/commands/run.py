@@ -52,6 +52,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the streams are a replay sped up X times (`replay --speed X`; soak tests, demos):"
         " windows, deadlines and stall timeouts stay in session seconds (default 1: live)",
     )
+    parser.add_argument(
+        "--sessions",
+        metavar="FILE",
+        help="serve every session listed in FILE ([[session]] id, tag) in this one process"
+        " with one model (docs/hub.md); --log then names a folder for <id>.jsonl",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +99,10 @@ def main(args: argparse.Namespace) -> int:
     if not (speed > 0 and speed < float("inf")):
         raise UsageError(f"--replay-speed: expected a number > 0, found {args.replay_speed}")
     quiet_liblsl()  # before the first LSL call: liblsl's INFO lines would cover the dashboard
+    if getattr(args, "sessions", None):
+        from emorecog_stream.commands.run_hub import run_sessions_file
+
+        return run_sessions_file(config, args.sessions, speed)
     try:
         asyncio.run(_run(config, speed, run_engine))
     except RunError as exc:
