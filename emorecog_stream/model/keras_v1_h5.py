@@ -702,6 +702,7 @@ def read_keras_v1_file(path: str | Path) -> KerasV1File:
             raise KerasV1Error(
                 f"{path}: not an HDF5 file (expected a Keras .h5, .weights.h5 or .keras file)"
             )
+        _check_metadata(path)
         with h5py.File(path, "r") as h5:
             return _read_any(path, h5)
     except KerasV1Error as exc:
@@ -720,6 +721,19 @@ def read_keras_v1_file(path: str | Path) -> KerasV1File:
         zipfile.BadZipFile,
     ) as exc:
         raise KerasV1Error(f"{path}: malformed Keras file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_metadata(path: Path, member: str | None = None) -> None:
+    """libhdf5 can spin in C on a corrupt file (a damaged heap under a string attribute), out of
+    Python's reach: the metadata pass runs first in a child process with a time limit
+    (:mod:`emorecog_stream.hdf5_probe`)."""
+    from emorecog_stream.hdf5_probe import Hdf5ProbeError, check_hdf5_metadata
+
+    try:
+        check_hdf5_metadata(path, member)
+    except Hdf5ProbeError as exc:
+        where = f" ({member})" if member else ""
+        raise KerasV1Error(f"{path}{where}: {exc}") from None
 
 
 def _read_any(path: Path, h5: Any) -> KerasV1File:
@@ -823,6 +837,7 @@ def _read_keras_archive(path: Path) -> KerasV1File:
         n = counts.get(base, 0)
         counts[base] = n + 1
         derived[layer.get("name") or layer["config"]["name"]] = base if n == 0 else f"{base}_{n}"
+    _check_metadata(path, "model.weights.h5")
     with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
         if "layers" not in h5:
             raise KerasV1Error(f"{path}: model.weights.h5 has no 'layers' group")
