@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import select
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 BASE_LIMIT_S = 2.0
@@ -95,13 +94,17 @@ def _run_child(path: Path, member: str | None, limit_s: float) -> str | None:
         args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     assert proc.stdout is not None
+    lines: queue.Queue[bytes | None] = queue.Queue()
+    # a thread reads the child's lines: a portable wait with a timeout (select() on a pipe
+    # is POSIX-only, and labs run Windows)
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     try:
-        if _next_line(proc, START_LIMIT_S) != b"ready":
+        if _next_line(lines, START_LIMIT_S) != b"ready":
             code = proc.poll()
             if code is None:
                 return f"the HDF5 metadata check did not start within {START_LIMIT_S:g} s"
             return f"the HDF5 metadata check failed to start (exit {code})"
-        if _next_line(proc, limit_s) == b"done":
+        if _next_line(lines, limit_s) == b"done":
             return None
         code = proc.poll()
         if code is None:
@@ -120,23 +123,21 @@ def _run_child(path: Path, member: str | None, limit_s: float) -> str | None:
         proc.stdout.close()
 
 
-def _next_line(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes | None:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    fd = proc.stdout.fileno()
-    line = b""
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
-        chunk = os.read(fd, 1)
-        if not chunk:
-            return None  # the child exited
-        line += chunk
-    return line.strip()
+def _read_lines(stream: object, lines: queue.Queue[bytes | None]) -> None:
+    try:
+        for line in stream:  # type: ignore[attr-defined]
+            lines.put(line.strip())
+    except (OSError, ValueError):  # closed under us after a kill
+        pass
+    lines.put(None)  # the child exited
+
+
+def _next_line(lines: queue.Queue[bytes | None], timeout_s: float) -> bytes | None:
+    """The child's next line, or None when it exited or said nothing within ``timeout_s``."""
+    try:
+        return lines.get(timeout=max(0.0, timeout_s))
+    except queue.Empty:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
