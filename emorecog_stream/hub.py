@@ -131,11 +131,14 @@ async def run_hub(
     log_dir: str | Path | None = None,
     time_scale: float = 1.0,
     on_engine: Any = None,
+    stop: asyncio.Event | None = None,
 ) -> list[HubResult]:
     """Serve ``sessions`` until each one stops; returns how each ended, in order.
 
     ``base.mqtt.url`` must be set (the sessions share one broker; an embedded one is started
     here when it is not). ``on_engine(session_id, engine)`` is called as each engine starts.
+    Setting ``stop`` stops every session: running engines stop (status offline, logs closed),
+    sessions still looking for their streams are cancelled.
     """
     from emorecog_stream.runner import RunError, RunHooks, load_model_for, run_engine
 
@@ -148,11 +151,18 @@ async def run_hub(
         broker = EmbeddedBroker()
         base = apply_overrides(base, {"mqtt.url": await broker.start()})
 
+    engines: dict[str, Any] = {}
+
+    def started(session_id: str, engine: Any) -> None:
+        engines[session_id] = engine
+        if stop is not None and stop.is_set():
+            engine.stop()
+        if on_engine is not None:
+            on_engine(session_id, engine)
+
     async def one(session: HubSession) -> HubResult:
         config = session_config(base, session, log_dir)
-        hooks = RunHooks(
-            on_engine=None if on_engine is None else (lambda e: on_engine(session.id, e))
-        )
+        hooks = RunHooks(on_engine=lambda e: started(session.id, e))
         out = _Prefixed(session.id)
         try:
             counters = await run_engine(
@@ -163,6 +173,8 @@ async def run_hub(
                 out=out,  # type: ignore[arg-type]
                 install_signal_handlers=False,
             )
+        except asyncio.CancelledError:
+            return HubResult(session.id, error="stopped before its streams were found")
         except RunError as exc:
             log.error("session %s: %s", session.id, exc)
             return HubResult(session.id, error=str(exc))
@@ -171,9 +183,28 @@ async def run_hub(
             return HubResult(session.id, error=f"{type(exc).__name__}: {exc}")
         return HubResult(session.id, counters=counters)
 
+    tasks = {s.id: asyncio.ensure_future(one(s)) for s in sessions}
+
+    async def watch_stop() -> None:
+        assert stop is not None
+        await stop.wait()
+        for session_id, task in tasks.items():
+            engine = engines.get(session_id)
+            if engine is not None:
+                engine.stop()
+            else:
+                task.cancel()
+
+    watcher = asyncio.ensure_future(watch_stop()) if stop is not None else None
     try:
-        return list(await asyncio.gather(*(one(s) for s in sessions)))
+        await asyncio.wait(tasks.values())
+        return [
+            HubResult(sid, error="stopped before it started") if t.cancelled() else t.result()
+            for sid, t in tasks.items()
+        ]
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if broker is not None:
             await broker.stop()
 

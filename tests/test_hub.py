@@ -178,3 +178,23 @@ def test_two_hubs_on_one_broker_split_sessions_without_overlap(
         got = [m.json() for m in sub.of("prediction") if m.topic == f"emorecog/{sid}/prediction"]
         # published once each: one hub served the session
         assert [p["sequence"] for p in got] == list(range(recordings[i].n_volumes)), sid
+
+
+def test_stop_ends_sessions_still_looking_for_their_streams(model) -> None:
+    """Ctrl-C / SIGTERM of a hub whose session has no streams yet ends it at once, not after
+    the resolve timeout (30 s here)."""
+    base = apply_overrides(
+        load_config(None), {"mqtt.url": "mqtt://127.0.0.1:1", "engine.resolve_timeout": 30.0}
+    )
+    missing = HubSession("nobody", f"none{uuid.uuid4().hex[:6]}")
+
+    async def main():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.0, stop.set)
+        t0 = time.monotonic()
+        results = await run_hub(base, [missing], model=model, stop=stop)
+        return results, time.monotonic() - t0
+
+    results, seconds = asyncio.run(main())
+    assert seconds < 10.0
+    assert results[0].session_id == "nobody" and "stopped" in results[0].error

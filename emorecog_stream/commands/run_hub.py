@@ -28,28 +28,14 @@ def run_sessions_file(config: Any, path: str, speed: float) -> int:
         model = load_model_for(config)
     except RunError as exc:
         raise UsageError(str(exc)) from None
-    engines: list[Any] = []
-
     async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
-        stopping = False
-
-        def stop_all() -> None:
-            nonlocal stopping
-            stopping = True
-            for engine in engines:
-                engine.stop()
-
-        def on_engine(_session_id: str, engine: Any) -> None:
-            engines.append(engine)
-            if stopping:
-                engine.stop()
-
+        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop_all)
+                loop.add_signal_handler(sig, stop.set)
         return await run_hub(
-            config, sessions, model=model, log_dir=log_dir, time_scale=speed, on_engine=on_engine
+            config, sessions, model=model, log_dir=log_dir, time_scale=speed, stop=stop
         )
 
     results = asyncio.run(main())
