@@ -198,3 +198,81 @@ def test_stop_ends_sessions_still_looking_for_their_streams(model) -> None:
     results, seconds = asyncio.run(main())
     assert seconds < 10.0
     assert results[0].session_id == "nobody" and "stopped" in results[0].error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bad_input_in_one_session_leaves_the_others_alone(
+    tmp_path: Path, model, mosquitto_broker, mqtt_collector
+) -> None:
+    """Beside two good sessions: one whose fMRI stream has the wrong channel count (refused
+    alone, with the counts named) and one whose volumes carry NaNs (served, flagged). The good
+    sessions' sequences stay contiguous and equal their re-runs."""
+    import numpy as np
+    import pylsl
+
+    from emorecog_stream.adapters.lsl_info import stream_identity
+
+    config_n = replace(SHORT, n_participants=3)
+    recordings = [off_grid(generate_session(i + 1, config_n)) for i in range(3)]
+    nan_rec = recordings[2]
+    nan_rec.fmri.data = nan_rec.fmri.data.copy()
+    nan_rec.fmri.data[10:20, :5] = np.nan  # a few ROIs missing in ten volumes
+    run = uuid.uuid4().hex[:6]
+    ids = [f"bad{run}-{i}" for i in range(3)]
+    group = ReplayGroup(recordings, ids, tag=f"v{run}", speed=SPEED)
+    sessions = [HubSession(sid, m.tag) for sid, m in zip(ids, group.members, strict=True)]
+    wrong = HubSession(f"bad{run}-wrong", f"v{run}-wrong")
+    name, type_, source_id = stream_identity(Role.FMRI, wrong.tag)
+    wrong_outlet = pylsl.StreamOutlet(
+        pylsl.StreamInfo(name, type_, 100, 1.0, pylsl.cf_float32, source_id)
+    )
+    base = apply_overrides(
+        load_config(None), {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 5.0}
+    )
+    sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
+    engines: dict[str, object] = {}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def on_engine(session_id, engine) -> None:
+            engines[session_id] = engine
+            if len(engines) == len(ids):
+                threading.Thread(target=play, daemon=True).start()
+
+        def play() -> None:
+            assert group.wait_for_consumers([Role.FMRI, Role.PPG, Role.RESP], timeout=10.0)
+            group.start(delay=0.2)
+            group.join()
+            time.sleep(3.0 / SPEED + 0.5)
+            for engine in engines.values():
+                loop.call_soon_threadsafe(engine.stop)
+
+        group.open()
+        return await run_hub(
+            base, [*sessions, wrong], model=model, log_dir=tmp_path, time_scale=SPEED,
+            on_engine=on_engine,
+        )  # fmt: skip
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        group.stop()
+        del wrong_outlet
+    by_id = {r.session_id: r for r in results}
+    assert "246" in by_id[wrong.id].error and "100" in by_id[wrong.id].error
+
+    def all_offline(messages) -> bool:
+        done = {m.topic.split("/")[1] for m in messages if m.json().get("state") == "offline"}
+        return set(ids) <= done
+
+    assert sub.wait_for(all_offline, 20)
+    for i, sid in enumerate(ids):
+        assert by_id[sid].error is None
+        live = [m.json() for m in sub.of("prediction") if m.topic == f"emorecog/{sid}/prediction"]
+        assert [p["sequence"] for p in live] == list(range(recordings[i].n_volumes)), sid
+        expected = rerun_payloads(recordings[i], model, sid)
+        assert_same_predictions(live, expected, group.members[i].replayer.timestamp_of)
+    flagged = [p for p in sub.json("prediction") if "roi_nonfinite" in p["flags"]]
+    assert {p["session"] for p in flagged} == {ids[2]} and len(flagged) == 10
