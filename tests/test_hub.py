@@ -49,7 +49,7 @@ def test_hub_serves_sessions_alone_and_together(
     broken = HubSession(f"hub{run}-missing", f"t{run}-nobody")  # no such streams
     base = apply_overrides(
         load_config(None),
-        {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 3.0},
+        {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 10.0},
     )
     sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
     engines: dict[str, object] = {}
@@ -228,7 +228,7 @@ def test_bad_input_in_one_session_leaves_the_others_alone(
         pylsl.StreamInfo(name, type_, 100, 1.0, pylsl.cf_float32, source_id)
     )
     base = apply_overrides(
-        load_config(None), {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 5.0}
+        load_config(None), {"mqtt.url": mosquitto_broker.url, "engine.resolve_timeout": 10.0}
     )
     sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
     engines: dict[str, object] = {}
