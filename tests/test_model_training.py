@@ -146,7 +146,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_model(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="expected a PyTorch checkpoint .* found a text file"):
+    with pytest.raises(CheckpointError, match=r"expected a PyTorch checkpoint .* found a text"):
         load_model(junk)
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
