@@ -125,6 +125,22 @@ def _cubic(vol: np.ndarray, x: float, y: float, z: float) -> tuple[float, bool]:
     return total, True
 
 
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _sample_at(
+    moving: np.ndarray, to_voxel: np.ndarray, points: np.ndarray, n: int, cubic: bool
+) -> tuple[float, bool]:
+    """The moving volume at world point ``points[n]`` mapped by ``to_voxel`` (3x4)."""
+    px = points[n, 0]
+    py = points[n, 1]
+    pz = points[n, 2]
+    vx = to_voxel[0, 0] * px + to_voxel[0, 1] * py + to_voxel[0, 2] * pz + to_voxel[0, 3]
+    vy = to_voxel[1, 0] * px + to_voxel[1, 1] * py + to_voxel[1, 2] * pz + to_voxel[1, 3]
+    vz = to_voxel[2, 0] * px + to_voxel[2, 1] * py + to_voxel[2, 2] * pz + to_voxel[2, 3]
+    if cubic:
+        return _cubic(moving, vx, vy, vz)
+    return _trilinear(moving, vx, vy, vz)
+
+
 @numba.njit(cache=_CACHE, nogil=True)
 def _normal_equations(
     moving: np.ndarray,
@@ -146,16 +162,7 @@ def _normal_equations(
     used = 0
     sse = 0.0
     for n in range(points.shape[0]):
-        px = points[n, 0]
-        py = points[n, 1]
-        pz = points[n, 2]
-        vx = to_voxel[0, 0] * px + to_voxel[0, 1] * py + to_voxel[0, 2] * pz + to_voxel[0, 3]
-        vy = to_voxel[1, 0] * px + to_voxel[1, 1] * py + to_voxel[1, 2] * pz + to_voxel[1, 3]
-        vz = to_voxel[2, 0] * px + to_voxel[2, 1] * py + to_voxel[2, 2] * pz + to_voxel[2, 3]
-        if cubic:
-            value, inside = _cubic(moving, vx, vy, vz)
-        else:
-            value, inside = _trilinear(moving, vx, vy, vz)
+        value, inside = _sample_at(moving, to_voxel, points, n, cubic)
         if not inside:
             continue
         err = value - template[n]
@@ -186,16 +193,7 @@ def _label_sums(
     sums[:] = 0.0
     counts[:] = 0
     for n in range(points.shape[0]):
-        px = points[n, 0]
-        py = points[n, 1]
-        pz = points[n, 2]
-        vx = to_voxel[0, 0] * px + to_voxel[0, 1] * py + to_voxel[0, 2] * pz + to_voxel[0, 3]
-        vy = to_voxel[1, 0] * px + to_voxel[1, 1] * py + to_voxel[1, 2] * pz + to_voxel[1, 3]
-        vz = to_voxel[2, 0] * px + to_voxel[2, 1] * py + to_voxel[2, 2] * pz + to_voxel[2, 3]
-        if cubic:
-            value, inside = _cubic(moving, vx, vy, vz)
-        else:
-            value, inside = _trilinear(moving, vx, vy, vz)
+        value, inside = _sample_at(moving, to_voxel, points, n, cubic)
         if inside:
             sums[labels[n]] += value
             counts[labels[n]] += 1
