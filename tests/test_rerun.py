@@ -58,7 +58,10 @@ def assert_same_predictions(live: list[dict], rerun: list[dict], live_stamp) -> 
         # heart rate moves by ~1e-4 bpm and the outputs by ~1e-5 (see tests/test_e2e.py)
         for label in ("negative", "neutral", "positive"):
             assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=3e-5)
-        assert a["intensity"] == pytest.approx(b["intensity"], abs=1e-4)
+        # intensity spans -4..+4, eight times the probabilities' range: the same relative
+        # tolerance as theirs (3e-5); a heart-rate sample that LSL's clock correction moves
+        # across a window edge shows up here first
+        assert a["intensity"] == pytest.approx(b["intensity"], abs=2.5e-4)
         for rate in ("heart_rate", "respiration_rate"):
             if b[rate] is None:
                 assert a[rate] is None, (rate, a["sequence"])

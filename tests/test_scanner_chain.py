@@ -28,7 +28,7 @@ from emorecog_stream.scanner import sim  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-SPEED = 5.0
+SPEED = 2.5  # a TR of 0.4 s: a stall of 3 TRs (the engine's reset gap) is 1.2 s
 VOLUMES = 60
 
 
