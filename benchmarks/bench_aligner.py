@@ -29,9 +29,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from emorecog_stream.aligner import Aligner, session_config  # noqa: E402
+from emorecog_stream.core.aligner import Aligner, session_config  # noqa: E402
+from emorecog_stream.core.streams import Role  # noqa: E402
 from emorecog_stream.recordings.synth import SynthConfig, generate_session  # noqa: E402
-from emorecog_stream.streams import Role  # noqa: E402
 
 TARGET = 20_000.0
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.engine.telemetry import MqttStats, TelemetryRecorder
 from emorecog_stream.sinks.dashboard import format_log_line, render
 from emorecog_stream.sinks.jsonl import JsonlLog
-from emorecog_stream.telemetry import MqttStats, TelemetryRecorder
 
 
 def _prediction(i: int) -> Prediction:

@@ -127,7 +127,7 @@ def make_outlets(
     tag: str, ppg_rate: float, resp_rate: float, tr: float
 ) -> dict[str, pylsl.StreamOutlet]:
     from emorecog_stream.adapters.lsl_info import stream_identity
-    from emorecog_stream.streams import N_ROIS, Role
+    from emorecog_stream.core.streams import N_ROIS, Role
 
     outlets = {}
     for role, channels, rate in (

@@ -23,8 +23,10 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emorecog_stream import hdf5_probe  # noqa: E402
-from emorecog_stream.model import keras_v1_h5  # noqa: E402
+from emorecog_stream.model import (  # noqa: E402
+    hdf5_probe,
+    keras_v1_h5,
+)
 
 KERAS = ROOT / "tests" / "fixtures" / "keras_v1"
 SPIN = ROOT / "tests" / "fixtures" / "fuzz" / "keras_hdf5_spin.h5"

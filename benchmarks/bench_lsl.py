@@ -45,7 +45,7 @@ os.environ.setdefault(
 import pylsl
 
 from emorecog_stream.adapters.lsl_inlet import AsyncInlet, Chunk, InletSpec
-from emorecog_stream.streams import N_ROIS, Role
+from emorecog_stream.core.streams import N_ROIS, Role
 
 STREAMS = {
     # role: (rate Hz, samples per push, channels)

@@ -29,8 +29,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from emorecog_stream.core.streams import N_ROIS  # noqa: E402
 from emorecog_stream.model import load_model  # noqa: E402
-from emorecog_stream.streams import N_ROIS  # noqa: E402
 
 WINDOW = 25
 

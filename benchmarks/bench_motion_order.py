@@ -28,7 +28,7 @@ import pylsl
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.lsl_inlet import Chunk, InletGroup, InletSpec
-from emorecog_stream.streams import MOTION_CHANNELS, N_ROIS, Role
+from emorecog_stream.core.streams import MOTION_CHANNELS, N_ROIS, Role
 
 MATCH = 0.01  # the engine's motion.MATCH_TOLERANCE_S
 

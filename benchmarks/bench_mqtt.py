@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from emorecog_stream.messages import Prediction  # noqa: E402
+from emorecog_stream.core.messages import Prediction  # noqa: E402
 from emorecog_stream.sinks.broker import EmbeddedBroker, free_port  # noqa: E402
 from emorecog_stream.sinks.mqtt import MqttPublisher, MqttSettings  # noqa: E402
 

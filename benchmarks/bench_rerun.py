@@ -28,9 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from emorecog_stream.model import load_model
-from emorecog_stream.recordings.synth import SynthConfig, generate_session
-from emorecog_stream.rerun import (
+from emorecog_stream.engine.rerun import (
     DEFAULT_CHUNK_S,
     RerunJob,
     load_worker_model,
@@ -38,6 +36,8 @@ from emorecog_stream.rerun import (
     run_job,
     session_ids,
 )
+from emorecog_stream.model import load_model
+from emorecog_stream.recordings.synth import SynthConfig, generate_session
 
 
 def make_sessions(n: int, trials: int) -> list:

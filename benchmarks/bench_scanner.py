@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volumes", type=int, default=120, help="volumes per grid")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between files")
     args = parser.parse_args(argv)
-    from emorecog_stream.lsl_log import quiet_liblsl
+    from emorecog_stream.adapters.lsl_log import quiet_liblsl
 
     quiet_liblsl()
     out = {}

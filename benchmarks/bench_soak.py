@@ -204,7 +204,7 @@ def main() -> int:
     wall_s = session_s / args.speed
 
     from emorecog_stream.adapters.lsl_info import stream_identity
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.streams import Role
 
     tag = "soak" + uuid.uuid4().hex[:8]
     session_id = f"soak-{tag}"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from emorecog_stream.streams import (
+from emorecog_stream.core.streams import (
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,
     MOTION_CHANNELS,

@@ -197,7 +197,7 @@ def lsl_xml_seeds() -> list[tuple[str, bytes]]:
         default_units,
         stream_identity,
     )
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.streams import Role
 
     out = []
     shapes = ((Role.FMRI, 246, 1.0), (Role.PPG, 1, 400.0), (Role.MARKERS, 1, 0.0))

@@ -208,7 +208,7 @@ def _checkpoint_keras(work: Path, data: bytes) -> Any:
 
 def _config(work: Path, data: bytes) -> Any:
     from emorecog_stream.config import load_config
-    from emorecog_stream.runner import mqtt_settings_for
+    from emorecog_stream.engine.runner import mqtt_settings_for
     from emorecog_stream.sinks.mqtt import DEFAULT_URL
 
     path = work / "config.toml"
@@ -233,7 +233,7 @@ def _mqtt_url(work: Path, data: bytes) -> Any:
 
 def _mqtt_url_config(work: Path, data: bytes) -> Any:
     from emorecog_stream.config import apply_overrides, load_config
-    from emorecog_stream.runner import mqtt_settings_for
+    from emorecog_stream.engine.runner import mqtt_settings_for
 
     config = apply_overrides(load_config(None), {"mqtt.url": _text(data)})
     return mqtt_settings_for(config, config.mqtt.url)
@@ -275,7 +275,7 @@ def check_stream_info(info: Any) -> Any:
 
     from emorecog_stream.adapters.lsl_info import describe_info, parse_metadata
     from emorecog_stream.adapters.lsl_inlet import InletSpec, StreamMismatchError, check_info
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.streams import Role
 
     meta = parse_metadata(info)
     describe_info(info)
@@ -320,8 +320,8 @@ def check_markers(texts: list[str]) -> None:
 def _marker_session(markers: list[Any]) -> Any:
     import numpy as np
 
+    from emorecog_stream.core.streams import Role
     from emorecog_stream.recordings.session import Session, SignalStream
-    from emorecog_stream.streams import Role
 
     fmri = SignalStream(Role.FMRI, "f", "fMRI", np.zeros((1, 246)), np.zeros(1), 1.0)
     return Session("P", 1.0, fmri, markers=markers)
@@ -373,7 +373,7 @@ XDF_ERRORS = (
 ICBHI_ERRORS = ("emorecog_stream.recordings.icbhi.IcbhiError",)
 KERAS_ERRORS = ("emorecog_stream.model.keras_v1_h5.KerasV1Error",)
 CKPT_ERRORS = ("emorecog_stream.model.checkpoint.CheckpointError", *KERAS_ERRORS)
-CONFIG_ERRORS = ("emorecog_stream.config.ConfigError", "emorecog_stream.runner.RunError")
+CONFIG_ERRORS = ("emorecog_stream.config.ConfigError", "emorecog_stream.engine.runner.RunError")
 MQTT_ERRORS = ("emorecog_stream.sinks.mqtt.MqttConfigError",)
 LSL_ERRORS = ("emorecog_stream.adapters.lsl_inlet.StreamMismatchError",)
 
@@ -876,8 +876,8 @@ ATHERIS_INSTRUMENT = (
 )
 """Python modules atheris instruments for coverage (C extensions cannot be)."""
 NO_INSTRUMENT = (
-    "emorecog_stream.buffers",
-    "emorecog_stream.physio_kernel",
+    "emorecog_stream.core.buffers",
+    "emorecog_stream.core.physio_kernel",
     "emorecog_stream.scanner.motion",
 )
 """numba compiles these; atheris's inserted coverage calls would break the compilation."""

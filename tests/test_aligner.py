@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emorecog_stream.aligner import Aligner, AlignerConfig, align_session, session_config
-from emorecog_stream.messages import AlignedStep
+from emorecog_stream.core.aligner import Aligner, AlignerConfig, align_session, session_config
+from emorecog_stream.core.messages import AlignedStep
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.recordings.session import Session, SignalStream
-from emorecog_stream.streams import N_ROIS, Role
 
 PPG_FS = 64.0
 RESP_FS = 16.0

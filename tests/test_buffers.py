@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emorecog_stream.buffers import RingBuffer
+from emorecog_stream.core.buffers import RingBuffer
 
 
 def _ramp(t0: float, n: int, fs: float = 10.0) -> tuple[np.ndarray, np.ndarray]:

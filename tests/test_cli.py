@@ -209,7 +209,7 @@ def test_demo_without_replay_data_generates_the_same_participant(tmp_path, monke
 
 
 def test_user_lsl_config_is_found_where_liblsl_looks(tmp_path: Path) -> None:
-    from emorecog_stream.lsl_log import user_lsl_config
+    from emorecog_stream.adapters.lsl_log import user_lsl_config
 
     if Path("/etc/lsl_api/lsl_api.cfg").is_file():
         pytest.skip("this machine has a system-wide liblsl config")
@@ -248,7 +248,10 @@ def test_liblsl_info_lines_are_quieted_unless_the_user_has_a_config(
     for quiet in (False, True):
         code = "import pylsl\n"
         if quiet:
-            code += "from emorecog_stream.lsl_log import quiet_liblsl\nprint(quiet_liblsl())\n"
+            code += (
+                "from emorecog_stream.adapters.lsl_log import quiet_liblsl\n"
+                "print(quiet_liblsl())\n"
+            )
         code += first_call + "\n"
         done = subprocess.run(
             [sys.executable, "-c", code],

@@ -14,7 +14,7 @@ from emorecog_stream.config import (
     load_config,
     to_toml,
 )
-from emorecog_stream.streams import N_ROIS, Role
+from emorecog_stream.core.streams import N_ROIS, Role
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "config.toml"
 

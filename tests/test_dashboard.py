@@ -8,7 +8,14 @@ import math
 import pytest
 from rich.console import Console
 
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.engine.telemetry import (
+    EngineSnapshot,
+    LatencySummary,
+    MqttStats,
+    StreamState,
+    StreamStats,
+)
 from emorecog_stream.sinks.dashboard import (
     MAX_REFRESH_HZ,
     Dashboard,
@@ -17,13 +24,6 @@ from emorecog_stream.sinks.dashboard import (
     format_log_line,
     render,
     sparkline,
-)
-from emorecog_stream.telemetry import (
-    EngineSnapshot,
-    LatencySummary,
-    MqttStats,
-    StreamState,
-    StreamStats,
 )
 
 
@@ -366,7 +366,7 @@ async def test_dashboard_follows_a_snapshot_source() -> None:
 
 
 async def test_log_line_printer_as_engine_output() -> None:
-    from emorecog_stream.session_state import EngineStatus
+    from emorecog_stream.engine.state import EngineStatus
 
     out = io.StringIO()
     printer = LogLinePrinter(out, mqtt_state=lambda: "connected")

@@ -22,14 +22,14 @@ import pytest
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.replay import Replayer
-from emorecog_stream.aligner import align_session
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine import Engine
+from emorecog_stream.core.aligner import align_session
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.runner import RunHooks, run_engine
+from emorecog_stream.engine.session import Engine
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
-from emorecog_stream.runner import RunHooks, run_engine
 from emorecog_stream.sinks.payload import load_schema
-from emorecog_stream.streams import Role
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

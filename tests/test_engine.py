@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from emorecog_stream.aligner import align_session
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine import Chunk, Engine
-from emorecog_stream.messages import AlignedStep, Prediction
+from emorecog_stream.core.aligner import align_session
+from emorecog_stream.core.messages import AlignedStep, Prediction
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.session import Chunk, Engine
+from emorecog_stream.engine.state import EngineStatus
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
-from emorecog_stream.session_state import EngineStatus
-from emorecog_stream.streams import Role
 
 SHORT = SynthConfig(n_participants=1, n_trials=3, rest_s=5.0, lead_in_s=5.0)
 
@@ -320,7 +320,7 @@ def test_precomputed_rates_stream_feeds_heart_and_respiration_rate(model, sessio
 
 
 def test_markers_reach_the_audit_log_not_the_model(model, tmp_path) -> None:
-    from emorecog_stream.engine_outputs import MarkerLog
+    from emorecog_stream.engine.outputs import MarkerLog
     from emorecog_stream.recordings.session import make_marker
     from emorecog_stream.sinks.jsonl import JsonlLog, read_log
 
@@ -469,7 +469,7 @@ def test_snapshot_shows_this_tr_and_the_engines_view_of_each_stream(model, sessi
     """The dashboard's snapshot, taken by an output as each prediction is handed over, already
     holds that prediction; the stream rows carry the aligner's buffer fill and the engine's
     own state (PPG stalled, with the reason) rather than one guessed from the lag."""
-    from emorecog_stream.telemetry import StreamState
+    from emorecog_stream.engine.telemetry import StreamState
 
     clock = Clock(999.0)
     engine, _out = make_engine(model, clock)
@@ -506,7 +506,7 @@ def test_snapshot_shows_this_tr_and_the_engines_view_of_each_stream(model, sessi
 
 
 def test_snapshot_marks_a_silent_fmri_stream_stalled_and_rejected_chunks(model, session) -> None:
-    from emorecog_stream.telemetry import StreamState
+    from emorecog_stream.engine.telemetry import StreamState
 
     clock = Clock(999.0)
     engine, _out = make_engine(model, clock)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from emorecog_stream.session_state import SessionTracker, StatusTracker
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.state import SessionTracker, StatusTracker
 
 
 def test_tr_index_counts_volumes_and_a_long_gap_resets() -> None:

@@ -32,8 +32,8 @@ import pytest
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.replay import Replayer
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.sinks.jsonl import read_log
-from emorecog_stream.streams import N_ROIS, Role
 from tests.plugins.lsl import make_session
 from tests.plugins.mqtt_broker import find_mosquitto
 

@@ -166,7 +166,7 @@ def test_demo_on_a_terminal_keeps_the_dashboard() -> None:
 
 def test_tr_line_pattern_matches_the_log_line_format() -> None:
     """The pattern the pipe test counts is the headless line's real format."""
-    from emorecog_stream.messages import Prediction
+    from emorecog_stream.core.messages import Prediction
     from emorecog_stream.sinks.dashboard import format_log_line
 
     p = Prediction(

@@ -25,7 +25,7 @@ from emorecog_stream.adapters.lsl_inlet import (
     StreamEvent,
     StreamState,
 )
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 from tests.fuzz_seeds import lsl_xml_seeds
 from tests.fuzzing import Blob, Worker, failures_of, mutants, report, stream_info_from_xml
 

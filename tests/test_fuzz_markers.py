@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine import Engine
-from emorecog_stream.engine_outputs import MarkerLog
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.outputs import MarkerLog
+from emorecog_stream.engine.session import Engine
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.session import Marker, parse_marker
 from emorecog_stream.sinks.jsonl import JsonlLog, read_log
-from emorecog_stream.streams import Role
 from tests.fuzz_seeds import marker_seeds
 from tests.fuzzing import (
     FUZZ_FIXTURES,

@@ -18,11 +18,11 @@ import pytest
 
 from emorecog_stream.adapters.replay_group import ReplayGroup
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.hub import HubError, HubSession, load_sessions_file, run_hub
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.hub import HubError, HubSession, load_sessions_file, run_hub
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import generate_session
 from emorecog_stream.sinks.jsonl import read_log
-from emorecog_stream.streams import Role
 from tests.test_e2e import off_grid
 from tests.test_rerun import SHORT, assert_same_predictions, rerun_payloads
 

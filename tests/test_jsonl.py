@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
 from emorecog_stream.sinks.jsonl import JsonlLog, JsonlLogError, read_log
 from emorecog_stream.sinks.payload import PayloadError, load_schema, prediction_payload
 
@@ -204,7 +204,7 @@ def test_read_log_skips_a_cut_off_last_line_but_not_a_broken_middle_one(tmp_path
 
 async def test_engine_output_hooks(tmp_path: Path) -> None:
     """The log plugs into the engine as an Output: prediction, status object, aclose."""
-    from emorecog_stream.session_state import EngineStatus
+    from emorecog_stream.engine.state import EngineStatus
 
     path = tmp_path / "s.jsonl"
     log = JsonlLog(path, session="S01")

@@ -15,7 +15,7 @@ from emorecog_stream.adapters.lsl_info import (
     xpath_literal,
 )
 from emorecog_stream.adapters.lsl_inlet import AsyncInlet, InletSpec
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 
 def test_identity_is_stable_and_tagged():

@@ -23,7 +23,7 @@ from emorecog_stream.adapters.lsl_inlet import (
     pick_stream,
     resolve_one,
 )
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 pytestmark = pytest.mark.timeout(60)
 

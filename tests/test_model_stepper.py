@@ -19,10 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emorecog_stream.core.streams import N_ROIS
 from emorecog_stream.model.api import StepOutput
 from emorecog_stream.model.net import EmoRecogNet, NetConfig
 from emorecog_stream.model.stepper import StreamingEmoRecogNet
-from emorecog_stream.streams import N_ROIS
 
 TOL = 1e-5  # the contract (float32 answers)
 EXAMPLES = int(os.environ.get("MODEL_PROPERTY_EXAMPLES", "200"))

@@ -60,7 +60,7 @@ def test_volumes_are_labelled_after_the_hemodynamic_delay(sessions):
 
 
 def test_session_data_uses_the_aligner_rates(sessions, datas):
-    from emorecog_stream.aligner import align_session
+    from emorecog_stream.core.aligner import align_session
 
     steps = align_session(sessions[0])
     d = datas[0]

@@ -25,15 +25,15 @@ import pytest
 
 from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine import MOTION_WAIT_S, Engine
+from emorecog_stream.core.motion import MATCH_TOLERANCE_S, MotionSample, MotionTrack
+from emorecog_stream.core.streams import MOTION_CHANNELS, N_ROIS, Role
+from emorecog_stream.engine.runner import RunHooks, run_engine
+from emorecog_stream.engine.session import MOTION_WAIT_S, Engine
 from emorecog_stream.model import load_model
-from emorecog_stream.motion import MATCH_TOLERANCE_S, MotionSample, MotionTrack
 from emorecog_stream.recordings.session import make_marker
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
-from emorecog_stream.runner import RunHooks, run_engine
 from emorecog_stream.sinks.jsonl import read_log
 from emorecog_stream.sinks.payload import load_schema
-from emorecog_stream.streams import MOTION_CHANNELS, N_ROIS, Role
 from tests.test_engine import Clock, chunk_events, make_engine
 
 SHORT = SynthConfig(n_participants=1, n_trials=3, rest_s=5.0, lead_in_s=5.0)
@@ -514,8 +514,8 @@ def test_run_with_a_motion_stream_of_six_channels_reports_it_and_goes_on(
 def test_dashboard_from_the_engine_shows_fd_and_the_motion_stream_state(model, session) -> None:
     from rich.console import Console
 
+    from emorecog_stream.engine.telemetry import StreamState
     from emorecog_stream.sinks.dashboard import render
-    from emorecog_stream.telemetry import StreamState
 
     n = 30
     params, fd = trajectory(session.n_volumes)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.signal import lfilter, sosfilt, sosfilt_zi
 
-from emorecog_stream import physio
-from emorecog_stream.physio import (
+from emorecog_stream.core import physio
+from emorecog_stream.core.physio import (
     HEART,
     RESPIRATION,
     HeartRateTracker,
@@ -382,7 +382,7 @@ def test_the_compiled_loop_equals_its_python_source(
     """``physio_kernel.track`` and ``estimate`` compiled by numba and run as plain Python
     (``py_func``) give bit-identical peaks, spans, filter state, counters and estimates, on a
     signal with gaps, NaN, Inf and values so large that the filter overflows."""
-    from emorecog_stream import physio_kernel as kernel
+    from emorecog_stream.core import physio_kernel as kernel
 
     rng = np.random.default_rng(3)
     n = int(80 * fs)

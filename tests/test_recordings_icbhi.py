@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from emorecog_stream.core.streams import N_ROIS, RATES_CHANNELS, Role
 from emorecog_stream.recordings.icbhi import (
     IcbhiError,
     participant_dirs,
@@ -17,7 +18,6 @@ from emorecog_stream.recordings.icbhi import (
     read_official,
     read_participant_dir,
 )
-from emorecog_stream.streams import N_ROIS, RATES_CHANNELS, Role
 
 RNG = np.random.default_rng(0)
 

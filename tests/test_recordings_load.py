@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import scipy.io
 
+from emorecog_stream.core.streams import N_ROIS
 from emorecog_stream.recordings import RecordingError, XdfError, load_session, load_sessions
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.recordings.xdf import write_xdf
-from emorecog_stream.streams import N_ROIS
 
 MINIMAL = Path(__file__).parent / "fixtures" / "xdf" / "minimal.xdf"
 

@@ -12,6 +12,7 @@ import pyxdf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emorecog_stream.core.streams import N_ROIS, RATES_CHANNELS, Role, roi_labels
 from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.recordings.xdf import (
@@ -23,7 +24,6 @@ from emorecog_stream.recordings.xdf import (
     write_xdf,
     xdf_bytes,
 )
-from emorecog_stream.streams import N_ROIS, RATES_CHANNELS, Role, roi_labels
 
 FIXTURES = Path(__file__).parent / "fixtures" / "xdf"
 MINIMAL = FIXTURES / "minimal.xdf"

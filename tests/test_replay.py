@@ -17,8 +17,8 @@ from emorecog_stream.adapters.lsl_inlet import (
     StreamState,
 )
 from emorecog_stream.adapters.replay import Replayer, ReplayError
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.recordings.session import SignalStream
-from emorecog_stream.streams import N_ROIS, Role
 from tests.plugins.lsl import make_session
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,8 +11,8 @@ import pytest
 
 from emorecog_stream.adapters.lsl_inlet import Chunk, InletGroup, InletSpec
 from emorecog_stream.cli import main as cli_main
+from emorecog_stream.core.streams import Role
 from emorecog_stream.recordings.xdf import write_xdf
-from emorecog_stream.streams import Role
 from tests.plugins.lsl import make_session
 
 pytestmark = pytest.mark.timeout(90)

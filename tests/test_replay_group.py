@@ -14,8 +14,8 @@ from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.replay import ReplayError
 from emorecog_stream.adapters.replay_group import ReplayGroup, session_tag
 from emorecog_stream.cli import main as cli_main
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.recordings.xdf import write_xdf
-from emorecog_stream.streams import N_ROIS, Role
 from tests.plugins.lsl import make_session
 
 pytestmark = pytest.mark.timeout(60)

@@ -35,17 +35,17 @@ from emorecog_stream.adapters.lsl_info import stream_identity
 from emorecog_stream.adapters.replay import Replayer
 from emorecog_stream.commands.evaluate import evaluate_sessions
 from emorecog_stream.config import apply_overrides, load_config
-from emorecog_stream.engine_outputs import MarkerLog
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.core.streams import CATEGORY_LABELS, Role
+from emorecog_stream.engine.outputs import MarkerLog
+from emorecog_stream.engine.runner import RunHooks, run_engine
 from emorecog_stream.model import load_model
 from emorecog_stream.model.data import DEFAULT_LABEL_DELAY_S, label_volumes, session_data
 from emorecog_stream.model.metrics import evaluate_arrays
 from emorecog_stream.recordings.session import Marker, make_marker
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.report import read_session_log, session_view
-from emorecog_stream.runner import RunHooks, run_engine
 from emorecog_stream.sinks.jsonl import JsonlLog, read_log
-from emorecog_stream.streams import CATEGORY_LABELS, Role
 
 SPEED = 10.0
 SESSION_ID = "report-test"

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from emorecog_stream.cli import main as cli_main
+from emorecog_stream.engine.rerun import config_for, rerun_session, session_ids
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.recordings.xdf import write_xdf
-from emorecog_stream.rerun import config_for, rerun_session, session_ids
 from emorecog_stream.sinks.jsonl import read_log
 from emorecog_stream.sinks.payload import prediction_payload
 from tests.test_e2e import off_grid, run_replay_through_engine

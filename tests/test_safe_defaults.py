@@ -482,7 +482,7 @@ def test_the_config_key_and_the_flag_reach_the_mqtt_settings(tmp_path: Path, mon
     """``[mqtt] allow_insecure`` and ``run --allow-insecure`` end up in the publisher settings."""
     from emorecog_stream.cli import build_parser
     from emorecog_stream.commands.run import load_config_with_flags
-    from emorecog_stream.runner import RunError, mqtt_settings_for
+    from emorecog_stream.engine.runner import RunError, mqtt_settings_for
 
     monkeypatch.setenv("EMORECOG_TEST_PW", SECRET)
     url = "mqtt://alice@10.1.2.3:1883"

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emorecog_stream.core.streams import N_ROIS
 from emorecog_stream.scanner import rigid, sim
-from emorecog_stream.streams import N_ROIS
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

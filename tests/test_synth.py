@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import signal as sps
 
+from emorecog_stream.core.streams import DEFAULT_LSL_TYPE, N_ROIS, Role
 from emorecog_stream.recordings.session import parse_marker
 from emorecog_stream.recordings.synth import (
     BENCHMARK_LEVELS_BY_CATEGORY,
@@ -19,7 +20,6 @@ from emorecog_stream.recordings.synth import (
     generate_corpus,
     generate_session,
 )
-from emorecog_stream.streams import DEFAULT_LSL_TYPE, N_ROIS, Role
 
 BENCHMARK_LEVELS = {0: 124, -1: 29, -2: 40, -3: 37, -4: 65, 1: 46, 2: 63, 3: 30, 4: 46}
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from emorecog_stream.messages import Prediction
-from emorecog_stream.telemetry import (
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.engine.telemetry import (
     EngineSnapshot,
     LatencyStats,
     MqttStats,
@@ -250,8 +250,8 @@ def test_empty_snapshot_defaults() -> None:
 
 def test_snapshot_takes_buffer_figures_states_and_notes_from_the_engine() -> None:
     """The aligner's own per-stream stats fill the buffer columns (a real Aligner here)."""
-    from emorecog_stream.aligner import Aligner, AlignerConfig
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.aligner import Aligner, AlignerConfig
+    from emorecog_stream.core.streams import Role
 
     aligner = Aligner(AlignerConfig(ppg_srate=400.0, resp_srate=50.0))
     rec = TelemetryRecorder()

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from emorecog_stream.engine_outputs import MqttOutput
+from emorecog_stream.engine.outputs import MqttOutput
 from emorecog_stream.recordings.session import make_marker
 from emorecog_stream.sinks.mqtt import MqttPublisher, MqttSettings
 from emorecog_stream.sinks.payload import PayloadError, load_schema, marker_payload

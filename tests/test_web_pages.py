@@ -215,9 +215,9 @@ def replay_through_engine(
     from emorecog_stream.adapters.lsl_info import stream_identity
     from emorecog_stream.adapters.replay import Replayer
     from emorecog_stream.config import apply_overrides, load_config
+    from emorecog_stream.core.streams import Role
+    from emorecog_stream.engine.runner import RunHooks, run_engine
     from emorecog_stream.model import load_model
-    from emorecog_stream.runner import RunHooks, run_engine
-    from emorecog_stream.streams import Role
 
     tag = "web" + uuid.uuid4().hex[:8]
     overrides: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 Both ends agree on one layout so that an inlet cannot tell a replay from a live setup:
 
-- core fields: name and type from :mod:`emorecog_stream.streams`, a stable ``source_id`` per
+- core fields: name and type from :mod:`emorecog_stream.core.streams`, a stable ``source_id`` per
   role (:data:`DEFAULT_SOURCE_ID`, so inlets recover when an outlet restarts), channel count,
   nominal rate (0 = irregular), float32 channels (string for markers);
 - ``desc``: ``channels/channel/{label,unit,type}`` (the XDF convention), plus ``participant``,
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pylsl
 
-from emorecog_stream.streams import (
+from emorecog_stream.core.streams import (
     ATLAS,
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,

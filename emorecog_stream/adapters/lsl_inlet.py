@@ -60,7 +60,7 @@ from emorecog_stream.adapters.lsl_info import (
     parse_metadata,
     stream_identity,
 )
-from emorecog_stream.streams import MOTION_CHANNELS, N_ROIS, Role
+from emorecog_stream.core.streams import MOTION_CHANNELS, N_ROIS, Role
 
 
 class LslAdapterError(Exception):

@@ -35,8 +35,8 @@ from emorecog_stream.adapters.lsl_info import (
     default_units,
     stream_identity,
 )
+from emorecog_stream.core.streams import Role
 from emorecog_stream.recordings.session import Session, SignalStream
-from emorecog_stream.streams import Role
 
 _ROLE_ORDER = {Role.FMRI: 0, Role.PPG: 1, Role.RESP: 2, Role.RATES: 3, Role.MARKERS: 4}
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import pylsl
 
 from emorecog_stream.adapters.replay import Replayer, ReplayError
+from emorecog_stream.core.streams import Role
 from emorecog_stream.recordings.session import Session
-from emorecog_stream.streams import Role
 
 
 def session_tag(session_id: str, tag: str = "") -> str:

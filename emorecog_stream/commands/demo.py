@@ -104,7 +104,7 @@ def demo_config(args: argparse.Namespace, tag: str) -> Any:
     """The engine config for the demo's replayed streams (tagged names: no clash with a lab)."""
     from emorecog_stream.adapters.lsl_info import stream_identity
     from emorecog_stream.config import apply_overrides, load_config
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.streams import Role
 
     overrides: dict[str, Any] = {
         "session.id": "demo",
@@ -127,10 +127,10 @@ def demo_config(args: argparse.Namespace, tag: str) -> Any:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
+    from emorecog_stream.adapters.lsl_log import quiet_liblsl
     from emorecog_stream.cli import UsageError
     from emorecog_stream.config import ConfigError
-    from emorecog_stream.lsl_log import quiet_liblsl
-    from emorecog_stream.runner import RunError, RunHooks, run_engine
+    from emorecog_stream.engine.runner import RunError, RunHooks, run_engine
 
     if not args.speed > 0:
         raise UsageError(f"--speed must be > 0, got {args.speed}")
@@ -163,7 +163,7 @@ async def _demo(
 
     from emorecog_stream.adapters.replay import Replayer, ReplayError
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.streams import Role
+    from emorecog_stream.core.streams import Role
 
     try:
         replayer = Replayer(sessions, speed=speed, tag=tag)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 if TYPE_CHECKING:
     from emorecog_stream.adapters.replay import Replayer
@@ -118,9 +118,9 @@ def _roles(text: str) -> list[Role] | None:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from emorecog_stream.adapters.lsl_log import quiet_liblsl
     from emorecog_stream.adapters.replay import Replayer, ReplayError
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.lsl_log import quiet_liblsl
     from emorecog_stream.recordings import load_sessions
 
     if not args.speed > 0:

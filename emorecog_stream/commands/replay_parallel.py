@@ -12,7 +12,7 @@ import argparse
 import time
 from typing import Any
 
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 
 def replay_parallel(
@@ -21,7 +21,7 @@ def replay_parallel(
     from emorecog_stream.adapters.replay import ReplayError
     from emorecog_stream.adapters.replay_group import ReplayGroup
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.rerun import session_ids
+    from emorecog_stream.engine.rerun import session_ids
 
     ids = session_ids(sessions)
     try:

@@ -2,7 +2,7 @@
 the live pipeline at full speed.
 
 What a live ``run`` would have published for each recorded session, without LSL and without
-the wall clock (:mod:`emorecog_stream.rerun`): one JSONL log per session in ``--out``
+the wall clock (:mod:`emorecog_stream.engine.rerun`): one JSONL log per session in ``--out``
 (``<session id>.jsonl``, the participant id, ``-2``... when it repeats) and, with ``--mqtt``,
 the same messages on the broker.
 """
@@ -61,8 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from emorecog_stream.cli import UsageError
     from emorecog_stream.config import ConfigError, apply_overrides, load_config
+    from emorecog_stream.engine.rerun import DEFAULT_CHUNK_S, RerunError, rerun_many
     from emorecog_stream.recordings import load_sessions
-    from emorecog_stream.rerun import DEFAULT_CHUNK_S, RerunError, rerun_many
 
     try:
         config = load_config(args.config)
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot re-run {path}: no session found in it")
         sessions.extend(loaded)
     if args.mqtt:
-        from emorecog_stream.runner import RunError, mqtt_settings_for
+        from emorecog_stream.engine.runner import RunError, mqtt_settings_for
 
         try:
             mqtt_settings_for(config, args.mqtt)  # bad URLs and settings fail before any work

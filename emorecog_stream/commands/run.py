@@ -90,9 +90,9 @@ def load_config_with_flags(args: argparse.Namespace) -> Any:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
+    from emorecog_stream.adapters.lsl_log import quiet_liblsl
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.lsl_log import quiet_liblsl
-    from emorecog_stream.runner import RunError, run_engine
+    from emorecog_stream.engine.runner import RunError, run_engine
 
     config = load_config_with_flags(args)
     speed = float(args.replay_speed)
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
 async def _run(config: Any, speed: float, run_engine: Any) -> None:
     """The engine, and beside it the live web pages when ``[web] enabled`` (``--web``)."""
     from emorecog_stream.commands.web import EngineWeb
-    from emorecog_stream.runner import RunHooks
+    from emorecog_stream.engine.runner import RunHooks
 
     if not config.web.enabled:
         await run_engine(config, time_scale=speed)

@@ -1,4 +1,4 @@
-"""``run --sessions FILE``: the hub (:mod:`emorecog_stream.hub`) from the command line.
+"""``run --sessions FILE``: the hub (:mod:`emorecog_stream.engine.hub`) from the command line.
 
 Not a command of its own: :mod:`emorecog_stream.commands.run` hands over here. With
 ``--sessions``, ``--log`` names a folder (one ``<session id>.jsonl`` per session), the terminal
@@ -16,8 +16,8 @@ from typing import Any
 
 def run_sessions_file(config: Any, path: str, speed: float) -> int:
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.hub import HubError, load_sessions_file, run_hub
-    from emorecog_stream.runner import RunError, load_model_for
+    from emorecog_stream.engine.hub import HubError, load_sessions_file, run_hub
+    from emorecog_stream.engine.runner import RunError, load_model_for
 
     try:
         sessions = load_sessions_file(path)

@@ -128,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from emorecog_stream.adapters.lsl_log import quiet_liblsl
     from emorecog_stream.cli import UsageError
-    from emorecog_stream.lsl_log import quiet_liblsl
     from emorecog_stream.scanner.bridge import BridgeError, ScannerBridge
 
     if not os.path.isdir(args.watch_dir):

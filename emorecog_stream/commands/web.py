@@ -64,7 +64,7 @@ def server_for(config: Any, url: str, *, settings: Any = None) -> Any:
     """A :class:`~emorecog_stream.web.WebServer` for ``config``'s ``[web]`` section on ``url``."""
     import dataclasses
 
-    from emorecog_stream.runner import mqtt_settings_for
+    from emorecog_stream.engine.runner import mqtt_settings_for
     from emorecog_stream.web import FeedbackDefaults, WebServer
 
     w = config.web
@@ -93,7 +93,7 @@ def server_for(config: Any, url: str, *, settings: Any = None) -> Any:
 
 async def start_server(server: Any, say: Any) -> None:
     """Start ``server``; a taken port is a RunError naming it; print the URLs."""
-    from emorecog_stream.runner import RunError
+    from emorecog_stream.engine.runner import RunError
 
     try:
         await server.start()
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
 
     from emorecog_stream.cli import UsageError
     from emorecog_stream.config import ConfigError, apply_overrides, load_config
-    from emorecog_stream.runner import RunError
+    from emorecog_stream.engine.runner import RunError
     from emorecog_stream.sinks.payload import PayloadError, validate_session_id
 
     if args.session not in (None, "+"):
@@ -175,7 +175,7 @@ class EngineWeb:
         import dataclasses
         import errno
 
-        from emorecog_stream.runner import RunError
+        from emorecog_stream.engine.runner import RunError
 
         config = self.config
         if not config.web.session:

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from emorecog_stream import __version__
+from emorecog_stream.core.streams import CATEGORY_LABELS
 from emorecog_stream.model.api import StreamingModel
 from emorecog_stream.model.net import EmoRecogNet, NetConfig
 from emorecog_stream.model.stepper import StreamingEmoRecogNet
 from emorecog_stream.private_files import replace_private
-from emorecog_stream.streams import CATEGORY_LABELS
 
 FORMAT = "emorecog-net-stream"
 FORMAT_VERSION = 1

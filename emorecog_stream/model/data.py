@@ -1,7 +1,7 @@
 """Training and evaluation data: sessions -> per-volume arrays with labels, and splits.
 
 Why through the aligner. The live engine feeds the model the heart and respiration rates that
-:func:`emorecog_stream.aligner.align_session`'s twin computes from the PPG and respiration
+:func:`emorecog_stream.core.aligner.align_session`'s twin computes from the PPG and respiration
 waveforms as they stream in (missing while a window is still filling, or when a sensor drops
 out). Training on exactly those values, not on a generator's ground truth, is what makes training
 and serving match.
@@ -101,7 +101,7 @@ def label_volumes(
 
 def session_data(session: Session, label_delay: float | None = None) -> SessionData:
     """Align one session (as the live engine would) and label its volumes."""
-    from emorecog_stream.aligner import align_session
+    from emorecog_stream.core.aligner import align_session
 
     steps = align_session(session)
     if not steps:

@@ -726,8 +726,8 @@ def read_keras_v1_file(path: str | Path) -> KerasV1File:
 def _check_metadata(path: Path, member: str | None = None) -> None:
     """libhdf5 can spin in C on a corrupt file (a damaged heap under a string attribute), out of
     Python's reach: the metadata pass runs first in a child process with a time limit
-    (:mod:`emorecog_stream.hdf5_probe`)."""
-    from emorecog_stream.hdf5_probe import Hdf5ProbeError, check_hdf5_metadata
+    (:mod:`emorecog_stream.model.hdf5_probe`)."""
+    from emorecog_stream.model.hdf5_probe import Hdf5ProbeError, check_hdf5_metadata
 
     try:
         check_hdf5_metadata(path, member)

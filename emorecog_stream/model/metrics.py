@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from emorecog_stream.streams import CATEGORY_LABELS
+from emorecog_stream.core.streams import CATEGORY_LABELS
 
 FINALSCORE_NOTE = (
     "ICBHI 2024 Finalscore not computed: its formula is not published (the seed model's"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emorecog_stream.streams import N_ROIS
+from emorecog_stream.core.streams import N_ROIS
 
 LEAKY_SLOPE = 0.2
 """Keras's ``leaky_relu`` negative slope (the seed's activation), not PyTorch's 0.01."""

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
-from emorecog_stream.streams import (
+from emorecog_stream.core.streams import (
     ATLAS,
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,
@@ -42,6 +41,7 @@ from emorecog_stream.streams import (
     Role,
     roi_labels,
 )
+from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from emorecog_stream.streams import N_ROIS, Role
+from emorecog_stream.core.streams import N_ROIS, Role
 
 
 @dataclass

@@ -42,8 +42,7 @@ import numpy as np
 from scipy import signal as sps
 from scipy.stats import gamma
 
-from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
-from emorecog_stream.streams import (
+from emorecog_stream.core.streams import (
     ATLAS,
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,
@@ -51,6 +50,7 @@ from emorecog_stream.streams import (
     Role,
     roi_labels,
 )
+from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
 
 GENERATOR = "emorecog_stream.recordings.synth"
 GENERATOR_VERSION = 1
@@ -494,7 +494,7 @@ def generate_session(participant_index: int, config: SynthConfig | None = None) 
     """Session of participant ``participant_index`` (1-based: 1 -> ``P01``) of the corpus.
 
     Timestamps are seconds from the session start (volume k at k * TR, waveform sample j at
-    j / rate). Streams carry the default LSL names and types of :mod:`emorecog_stream.streams`.
+    j / rate). Streams carry the default LSL names and types of :mod:`emorecog_stream.core.streams`.
     ``metadata`` holds ``generator``, ``generator_version``, ``seed``, ``synth_config`` (a dict)
     and ``truth`` (:class:`SynthTruth`, in memory only: XDF files do not carry it).
     """

@@ -8,7 +8,8 @@ Its jitter removal is off by default here (timestamps stay as recorded, so our o
 exactly); pass ``dejitter=True`` to turn it on. Before parsing, the chunk framing is walked so a
 truncated file is reported as such instead of being silently cut short.
 
-Role mapping. Each role (:class:`~emorecog_stream.streams.Role`) is matched to at most one stream:
+Role mapping. Each role (:class:`~emorecog_stream.core.streams.Role`) is matched to at most one
+stream:
 
 * Default: the stream whose LSL type is ``streams.DEFAULT_LSL_TYPE[role]`` (``fMRI``, ``PPG``,
   ``Respiration``, ``PhysioRates``, ``Markers``; case-insensitive); if several have that type, the
@@ -47,8 +48,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from emorecog_stream.recordings.session import Marker, Session, SignalStream
-from emorecog_stream.streams import (
+from emorecog_stream.core.streams import (
     ATLAS,
     DEFAULT_LSL_NAME,
     DEFAULT_LSL_TYPE,
@@ -57,6 +57,7 @@ from emorecog_stream.streams import (
     RATES_UNITS,
     Role,
 )
+from emorecog_stream.recordings.session import Marker, Session, SignalStream
 
 XDF_SUFFIXES = (".xdf", ".xdfz")
 _MAGIC = b"XDF:"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emorecog_stream.core.streams import CATEGORY_LABELS
 from emorecog_stream.report.log_data import SessionView
-from emorecog_stream.streams import CATEGORY_LABELS
 
 __all__ = ["CATEGORY_COLOURS", "FigureImage", "make_figures"]
 

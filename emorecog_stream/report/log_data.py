@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from emorecog_stream.streams import CATEGORY_LABELS
+from emorecog_stream.core.streams import CATEGORY_LABELS
 
 __all__ = [
     "Gap",
@@ -437,8 +437,8 @@ def _markers(
 ) -> tuple[list[MarkerRow], Any]:
     """Every marker as a row, and a :class:`Session` holding the usable trial markers on the
     session-time axis (what ``label_volumes`` and ``Session.trials`` work on)."""
+    from emorecog_stream.core.streams import N_ROIS, Role
     from emorecog_stream.recordings.session import Marker, Session, SignalStream, parse_marker
-    from emorecog_stream.streams import N_ROIS, Role
 
     rows: list[MarkerRow] = []
     usable_markers: list[Marker] = []

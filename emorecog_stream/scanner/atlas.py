@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emorecog_stream.streams import N_ROIS, roi_labels
+from emorecog_stream.core.streams import N_ROIS, roi_labels
 
 #: Affines that differ by less than this (mm) describe the same grid (header float noise).
 AFFINE_TOLERANCE_MM = 1e-3

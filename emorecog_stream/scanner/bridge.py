@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from emorecog_stream.core.streams import ATLAS, Role
 from emorecog_stream.scanner.atlas import Atlas, AtlasError, load_atlas
 from emorecog_stream.scanner.pipeline import ProcessedVolume, Skipped, VolumePipeline
 from emorecog_stream.scanner.timing import TriggerClock
-from emorecog_stream.streams import ATLAS, Role
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import pylsl
 
+from emorecog_stream.core.streams import Role
 from emorecog_stream.scanner import sim
 from emorecog_stream.scanner.bridge import BridgeSettings, ScannerBridge
-from emorecog_stream.streams import Role
 
 #: Seconds between the engine being ready and the first volume's acquisition.
 LEAD_S = 1.0

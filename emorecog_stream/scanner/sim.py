@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emorecog_stream.core.streams import N_ROIS, roi_labels
 from emorecog_stream.scanner import rigid
 from emorecog_stream.scanner.sim_files import (
     FILE_PATTERNS,
@@ -63,7 +64,6 @@ from emorecog_stream.scanner.sim_files import (
     quantise,
     volume_files,
 )
-from emorecog_stream.streams import N_ROIS, roi_labels
 
 if TYPE_CHECKING:
     from emorecog_stream.recordings.session import Session

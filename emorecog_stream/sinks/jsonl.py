@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
 from emorecog_stream.private_files import open_private
 from emorecog_stream.sinks.payload import (
     SCHEMA_VERSION,

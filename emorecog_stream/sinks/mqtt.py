@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from emorecog_stream.messages import Prediction
+from emorecog_stream.core.messages import Prediction
 from emorecog_stream.sinks.payload import (
     DEFAULT_TOPIC_PREFIX,
     PayloadError,

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
-from emorecog_stream.messages import Prediction
-from emorecog_stream.streams import CATEGORY_LABELS, MOTION_CHANNELS
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.core.streams import CATEGORY_LABELS, MOTION_CHANNELS
 
 SCHEMA_VERSION = 1
 """Bumped when a payload field changes meaning or disappears (adding a field does not bump it)."""

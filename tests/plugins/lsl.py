@@ -13,8 +13,8 @@ import numpy as np
 import pylsl
 import pytest
 
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.recordings.session import Marker, Session, SignalStream, make_marker
-from emorecog_stream.streams import N_ROIS, Role
 
 
 def new_tag() -> str:

@@ -536,7 +536,7 @@ def unique_session() -> str:
 
 def sample_prediction(session: str, sequence: int, **overrides: Any) -> Any:
     """A valid ``Prediction`` whose values depend on ``sequence`` (for publisher tests)."""
-    from emorecog_stream.messages import Prediction
+    from emorecog_stream.core.messages import Prediction
 
     a = (sequence % 7) / 20.0
     probs = (round(0.2 + a / 2, 6), round(0.5 - a, 6), 0.0)

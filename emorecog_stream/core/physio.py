@@ -3,7 +3,7 @@
 Method: a causal Butterworth band-pass (designed with ``scipy.signal``, run with its state carried
 between calls), then one peak per positive lobe of the band-passed signal, then the rate from
 the mean beat (breath) interval of the peaks inside the window. The per-sample part (breaks,
-band-pass, lobe detector) is one compiled loop, :func:`emorecog_stream.physio_kernel.track`.
+band-pass, lobe detector) is one compiled loop, :func:`emorecog_stream.core.physio_kernel.track`.
 
 Why band-pass + peaks rather than a spectrum: the streaming engine needs a rate at every fMRI
 volume (20,000 volumes/s is the throughput target), so the per-volume cost must be O(new samples).
@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import butter, lfilter, lfilter_zi, sos2tf, sosfilt, sosfilt_zi
 
-from emorecog_stream import physio_kernel as _kernel
-from emorecog_stream.messages import RateEstimate
+from emorecog_stream.core import physio_kernel as _kernel
+from emorecog_stream.core.messages import RateEstimate
 
 __all__ = [
     "HEART",

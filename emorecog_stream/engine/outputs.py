@@ -1,4 +1,4 @@
-"""Adapters from the engine's :class:`~emorecog_stream.engine.Output` protocol to the sinks.
+"""Adapters from the engine's :class:`~emorecog_stream.engine.session.Output` protocol to the sinks.
 
 Each keeps the engine's hot path short: the MQTT publisher queues (its own task owns the
 network) and the dashboard only swaps an immutable snapshot (rich's own thread renders it).
@@ -13,9 +13,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from emorecog_stream.messages import AlignedStep, Prediction
-from emorecog_stream.session_state import EngineStatus
-from emorecog_stream.telemetry import EngineSnapshot
+from emorecog_stream.core.messages import AlignedStep, Prediction
+from emorecog_stream.engine.state import EngineStatus
+from emorecog_stream.engine.telemetry import EngineSnapshot
 
 
 class MqttOutput:

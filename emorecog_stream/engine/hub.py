@@ -2,9 +2,9 @@
 
 Why: one ``run`` process per session holds a copy of the model, Python and numpy each
 (~450 MB); the engine's own work per session is ~1 % of a core at TR 1 s. The hub runs every
-session's pipeline (:func:`~emorecog_stream.runner.run_engine`: its inlets, engine, GRU state,
-status topic and JSONL log) as a task on one event loop, all sharing one loaded model (each
-engine takes its own stepper from it, so GRU states never mix).
+session's pipeline (:func:`~emorecog_stream.engine.runner.run_engine`: its inlets, engine,
+GRU state, status topic and JSONL log) as a task on one event loop, all sharing one loaded model
+(each engine takes its own stepper from it, so GRU states never mix).
 
 Isolation: a session whose streams cannot be found or whose pipeline fails ends alone (its
 status goes offline, the error is reported with its id); the other tasks go on.
@@ -41,7 +41,7 @@ from typing import Any
 import tomllib
 
 from emorecog_stream.config import Config, apply_overrides
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ async def run_hub(
     Setting ``stop`` stops every session: running engines stop (status offline, logs closed),
     sessions still looking for their streams are cancelled.
     """
-    from emorecog_stream.runner import RunError, RunHooks, load_model_for, run_engine
+    from emorecog_stream.engine.runner import RunError, RunHooks, load_model_for, run_engine
 
     if model is None:
         model = load_model_for(base)

@@ -16,7 +16,7 @@ Why it is shaped like this:
   that does not fit (wrong channel count, wrong shape) is rejected and reported, never a crash;
   non-finite ROI values are replaced by the aligner and flagged.
 * **Head motion beside, not in, the model.** A ``Motion`` stream (the scanner bridge's) is
-  matched to each volume by timestamp (:mod:`emorecog_stream.motion`); its framewise
+  matched to each volume by timestamp (:mod:`emorecog_stream.core.motion`); its framewise
   displacement rides on the prediction, and a volume above ``fd_threshold`` is flagged
   ``motion``. A prediction whose volume's motion sample has not arrived yet is held back (its
   model step is not) for at most :data:`MOTION_WAIT_S`, in order: a volume above the threshold
@@ -44,21 +44,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from emorecog_stream.aligner import Aligner, AlignerConfig
 from emorecog_stream.config import Config
-from emorecog_stream.messages import AlignedStep, Prediction
-from emorecog_stream.model.api import StepOutput, StreamingModel
-from emorecog_stream.motion import MotionSample, MotionTrack
-from emorecog_stream.session_state import (
+from emorecog_stream.core.aligner import Aligner, AlignerConfig
+from emorecog_stream.core.messages import AlignedStep, Prediction
+from emorecog_stream.core.motion import MotionSample, MotionTrack
+from emorecog_stream.core.streams import CATEGORY_LABELS, MOTION_CHANNELS, N_ROIS, Role
+from emorecog_stream.engine.state import (
     ROLE_LABEL,
     ROLE_RATES,
     EngineStatus,
     SessionTracker,
     StatusTracker,
 )
+from emorecog_stream.engine.telemetry import EngineSnapshot, StreamState, TelemetryRecorder
+from emorecog_stream.model.api import StepOutput, StreamingModel
 from emorecog_stream.sinks.payload import utc_now
-from emorecog_stream.streams import CATEGORY_LABELS, MOTION_CHANNELS, N_ROIS, Role
-from emorecog_stream.telemetry import EngineSnapshot, StreamState, TelemetryRecorder
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The scanner bridge publishes one sample of the ``Motion`` stream per volume (``trans_x,
 trans_y, trans_z`` mm, ``rot_x, rot_y, rot_z`` rad, ``framewise_displacement`` mm; see
-:data:`~emorecog_stream.streams.MOTION_CHANNELS`) with exactly the LSL timestamp of that
+:data:`~emorecog_stream.core.streams.MOTION_CHANNELS`) with exactly the LSL timestamp of that
 volume's fMRI sample, pushed just before it. The engine keeps the recent motion samples here
 and looks up each volume's one when the volume's step is ready.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emorecog_stream.streams import MOTION_CHANNELS
+from emorecog_stream.core.streams import MOTION_CHANNELS
 
 __all__ = ["MATCH_TOLERANCE_S", "MotionSample", "MotionTrack"]
 

@@ -7,7 +7,7 @@ library calls and list operations per stream, whose fixed cost (argument checks,
 scipy's wrappers) was most of the ~60 us a step took. Compiled, a second of PPG at 500 Hz is
 fed in about 4 us and an estimate takes about 1.5 us, most of it the call itself.
 
-:func:`track` is the whole per-sample rule of :class:`emorecog_stream.physio.PeakRateTracker`:
+:func:`track` is the whole per-sample rule of :class:`emorecog_stream.core.physio.PeakRateTracker`:
 breaks (non-finite samples, timestamp gaps, filter overflow), the band-pass (direct form II
 transposed, each stage computed exactly as ``scipy.signal.lfilter`` computes it, so the output
 is bit-identical to ``lfilter``), the lobe detector with its height gate and refractory

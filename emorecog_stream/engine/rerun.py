@@ -1,7 +1,7 @@
 """Recorded sessions through the live pipeline as fast as the machine allows (``rerun``).
 
 Why not ``evaluate`` or a real-time replay: ``evaluate`` runs the offline code path
-(:func:`~emorecog_stream.aligner.align_session`), and a replay through ``run`` is bound to the
+(:func:`~emorecog_stream.core.aligner.align_session`), and a replay through ``run`` is bound to the
 wall clock. A re-run answers "what would the live engine have published for this recording?"
 in seconds, with the live parts themselves:
 
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from emorecog_stream.config import Config, apply_overrides, load_config
-from emorecog_stream.engine import Engine, EngineCounters, Output
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.session import Engine, EngineCounters, Output
 from emorecog_stream.recordings.session import Session
-from emorecog_stream.streams import Role
 
 #: The live timer fires this long after the moment it was armed for (see Engine._reschedule).
 TIMER_LAG_S = 1e-4
@@ -178,7 +178,7 @@ async def rerun_session(
     defaults, with ``session_id``).
     """
     from emorecog_stream.adapters.replay import Replayer, ReplayError
-    from emorecog_stream.engine_outputs import MarkerLog, MqttOutput, RunSummaryLog
+    from emorecog_stream.engine.outputs import MarkerLog, MqttOutput, RunSummaryLog
     from emorecog_stream.sinks.jsonl import JsonlLog
 
     session_id = session_id or session_ids([session])[0]
@@ -201,7 +201,7 @@ async def rerun_session(
     publisher = None
     engine_box: list[Engine] = []
     if mqtt_url:
-        from emorecog_stream.runner import mqtt_settings_for
+        from emorecog_stream.engine.runner import mqtt_settings_for
         from emorecog_stream.sinks.mqtt import MqttPublisher
 
         settings = mqtt_settings_for(config, mqtt_url)

@@ -5,7 +5,7 @@ Rule (the same live and offline): the step of the volume with timestamp ``t`` ca
 - the ROI vector, non-finite values replaced by the ROI's last finite value (0 before any) and
   counted; ``roi_valid`` is False when more than ``max_roi_nonfinite_fraction`` were replaced;
 - the heart rate over ``[t - hr_window_s, t]`` from the PPG samples with timestamps ``<= t``,
-  the respiration rate likewise over ``rr_window_s`` (see :mod:`emorecog_stream.physio`);
+  the respiration rate likewise over ``rr_window_s`` (see :mod:`emorecog_stream.core.physio`);
 - from a rates stream, the value at or just before ``t`` (no older than ``rates_max_age_s``),
   used where the waveform gives no valid rate (or there is no waveform).
 
@@ -15,7 +15,7 @@ when ``now >= t + deadline_s``; then ``deadline_expired`` is set and the late st
 computed from what has arrived (valid only if its window is still covered well enough, else
 flagged missing). Steps come out in volume order. A late sample newer than the last one a step
 consumed is kept (the next step uses it); an older one can no longer be used and is dropped and
-counted (see :class:`~emorecog_stream.buffers.RingBuffer`). A volume older than the last
+counted (see :class:`~emorecog_stream.core.buffers.RingBuffer`). A volume older than the last
 emitted step, or with a non-finite timestamp, is dropped and counted.
 
 Offline (:func:`align_session`) feeds a whole recording through the same :class:`Aligner`
@@ -35,11 +35,11 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from emorecog_stream.buffers import RingBuffer
-from emorecog_stream.messages import AlignedStep, RateEstimate
-from emorecog_stream.physio import HEART, RESPIRATION, PeakRateTracker
+from emorecog_stream.core.buffers import RingBuffer
+from emorecog_stream.core.messages import AlignedStep, RateEstimate
+from emorecog_stream.core.physio import HEART, RESPIRATION, PeakRateTracker
+from emorecog_stream.core.streams import N_ROIS, Role
 from emorecog_stream.recordings.session import Session, SignalStream
-from emorecog_stream.streams import N_ROIS, Role
 
 __all__ = ["Aligner", "AlignerConfig", "AlignerStats", "StreamStats", "align_session"]
 

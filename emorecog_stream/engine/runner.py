@@ -3,7 +3,7 @@
 ``run`` and ``demo`` (and the end-to-end tests) share this: load the model, start the
 embedded broker when no URL is configured, open the MQTT publisher, the JSONL log and the
 dashboard (or the headless log line), resolve the LSL streams, and run the
-:class:`~emorecog_stream.engine.Engine` until Ctrl-C, ``--duration`` or :meth:`Engine.stop`.
+:class:`~emorecog_stream.engine.session.Engine` until Ctrl-C, ``--duration`` or :meth:`Engine.stop`.
 Every user mistake found on the way (bad model path, unwritable log, stream not found or of the
 wrong shape, bad MQTT settings) becomes a :class:`RunError` with a message that says what was
 expected and what was found, before anything starts publishing.
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from emorecog_stream.config import Config
-from emorecog_stream.engine import Chunk as EngineChunk
-from emorecog_stream.engine import Engine, EngineCounters, Output
-from emorecog_stream.engine_outputs import DashboardOutput, MarkerLog, MqttOutput, RunSummaryLog
-from emorecog_stream.session_state import ROLE_LABEL, ROLE_RATES
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.outputs import DashboardOutput, MarkerLog, MqttOutput, RunSummaryLog
+from emorecog_stream.engine.session import Chunk as EngineChunk
+from emorecog_stream.engine.session import Engine, EngineCounters, Output
+from emorecog_stream.engine.state import ROLE_LABEL, ROLE_RATES
 
 
 class RunError(Exception):

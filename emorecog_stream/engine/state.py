@@ -21,7 +21,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from emorecog_stream.streams import Role
+from emorecog_stream.core.streams import Role
 
 #: What each physiology role feeds; a stalled role makes these rates missing.
 ROLE_RATES: dict[Role, tuple[str, ...]] = {

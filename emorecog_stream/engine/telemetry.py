@@ -20,8 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from emorecog_stream.messages import Prediction
-from emorecog_stream.streams import INTENSITY_RANGE
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.core.streams import INTENSITY_RANGE
 
 __all__ = [
     "EngineSnapshot",
