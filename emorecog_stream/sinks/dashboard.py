@@ -1,6 +1,6 @@
 """Terminal dashboard (rich) and the headless one-line-per-TR log.
 
-:func:`render` turns an :class:`~emorecog_stream.telemetry.EngineSnapshot` into a rich
+:func:`render` turns an :class:`~emorecog_stream.engine.telemetry.EngineSnapshot` into a rich
 renderable and does nothing else, so it can be tested with ``Console(record=True)``.
 :class:`Dashboard` shows it live: :meth:`Dashboard.update` only swaps a reference to the newest
 (immutable) snapshot, and rich's own refresh thread renders it at a capped rate, so the engine
@@ -12,33 +12,42 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from rich import box
-from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.constrain import Constrain
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from emorecog_stream.messages import Prediction
-from emorecog_stream.streams import CATEGORY_LABELS, INTENSITY_RANGE
-from emorecog_stream.telemetry import EngineSnapshot, StreamState, StreamStats
+from emorecog_stream.core.messages import Prediction
+from emorecog_stream.core.streams import CATEGORY_LABELS, INTENSITY_RANGE
+from emorecog_stream.engine.telemetry import EngineSnapshot, StreamState, StreamStats
 
 __all__ = [
     "HEMODYNAMIC_NOTE",
     "MAX_REFRESH_HZ",
+    "NO_SESSIONS",
     "Dashboard",
     "DashboardView",
+    "HubDashboard",
+    "HubView",
     "LogLinePrinter",
+    "SessionsView",
     "bar",
+    "format_hub_log_line",
     "format_log_line",
     "render",
+    "render_hub",
+    "render_sessions",
     "sparkline",
 ]
 
@@ -62,13 +71,28 @@ _STATE_STYLE = {
 }
 
 
-def _status_style(status: str) -> str:
+_RUNNING_STATES = frozenset({"running", "ok", "online"})
+_OFFLINE_STATES = frozenset({"stopped", "offline", "error", "failed"})
+_BUCKETS = ("running", "degraded", "offline")
+_BUCKET_STYLE = {"running": "bold green", "degraded": "bold yellow", "offline": "bold red"}
+
+
+def _bucket(status: str) -> str:
+    """``running``, ``offline`` or ``degraded``: the three groups a hub operator counts.
+
+    Everything that is neither predicting normally nor stopped (starting, waiting, paused,
+    degraded, a state we do not know) is ``degraded``: it needs a look, but is not lost.
+    """
     s = status.lower()
-    if s in ("running", "ok", "online"):
-        return "bold green"
-    if s in ("stopped", "offline", "error", "failed"):
-        return "bold red"
-    return "bold yellow"  # starting, waiting, degraded, paused, ...
+    if s in _RUNNING_STATES:
+        return "running"
+    if s in _OFFLINE_STATES:
+        return "offline"
+    return "degraded"
+
+
+def _status_style(status: str) -> str:
+    return _BUCKET_STYLE[_bucket(status)]
 
 
 def _mqtt_style(state: str) -> str:
@@ -280,6 +304,11 @@ def _prediction_panel(snap: EngineSnapshot, width: int) -> Panel:
     return Panel(g, title=title, title_align="left")
 
 
+def _failure(exc: Exception) -> Text:
+    """The line shown instead of a frame that could not be built (a bug upstream, on screen)."""
+    return Text(f"dashboard rendering failed: {type(exc).__name__}: {exc}", style="bold red")
+
+
 class DashboardView:
     """The dashboard for one snapshot; lays itself out for the width it is given.
 
@@ -297,9 +326,7 @@ class DashboardView:
         except Exception as exc:
             if not self.safe:
                 raise
-            parts = [
-                Text(f"dashboard rendering failed: {type(exc).__name__}: {exc}", style="bold red")
-            ]
+            parts = [_failure(exc)]
         yield from parts
 
     def _parts(self, width: int) -> list[RenderableType]:
@@ -343,7 +370,326 @@ def render(snapshot: EngineSnapshot) -> RenderableType:
     return DashboardView(snapshot)
 
 
-class Dashboard:
+# --- several sessions (the hub) ------------------------------------------------------------
+
+NO_SESSIONS = "no sessions yet: waiting for streams"
+
+_CATEGORY_STYLE = {"negative": "magenta", "neutral": "cyan", "positive": "green"}
+_TROUBLED_STREAMS = (StreamState.STALLED, StreamState.LOST)
+_SESSIONS_CHROME = 2
+"""Lines of the sessions view around its rows: the totals line and the column headings."""
+
+
+def _natural_key(session_id: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort ``scanner2`` before ``scanner10``: ids often carry an unpadded number."""
+    parts = re.split(r"(\d+)", session_id)  # odd positions are the numbers
+    return tuple((0, int(p)) if i % 2 else (1, p) for i, p in enumerate(parts) if p)
+
+
+def _troubled(snap: EngineSnapshot) -> list[StreamStats]:
+    return [s for s in snap.streams if s.state in _TROUBLED_STREAMS]
+
+
+def _severity(snap: EngineSnapshot) -> int:
+    """0 offline, 1 degraded (or starting, paused), 2 running with a stalled/lost stream, 3 ok.
+
+    When not every row fits, the lowest go on screen first: those are the ones to act on.
+    """
+    bucket = _bucket(snap.status)
+    if bucket == "offline":
+        return 0
+    if bucket == "degraded":
+        return 1
+    return 2 if _troubled(snap) else 3
+
+
+def _category_probability(snap: EngineSnapshot) -> float | None:
+    """The probability of the shown category (the largest when the label is unknown)."""
+    probs = snap.probabilities
+    if not probs:
+        return None
+    if snap.category in CATEGORY_LABELS and len(probs) == len(CATEGORY_LABELS):
+        return probs[CATEGORY_LABELS.index(snap.category)]
+    return max(probs)
+
+
+def _compact_rate(value: float | None, valid: bool) -> Text:
+    """A rate in one short cell; ``?`` (yellow) marks one the engine does not trust."""
+    if valid and value is not None and math.isfinite(value):
+        return Text(f"{value:.1f}")
+    return Text(_fmt(value, ".1f") + "?", style="yellow")
+
+
+def _compact_fd(snap: EngineSnapshot) -> Text:
+    fd, threshold = snap.framewise_displacement, snap.fd_threshold
+    if fd is None or not math.isfinite(fd):
+        return Text(_MISSING, style="dim")
+    return Text(f"{fd:.2f}", style="bold red" if threshold is not None and fd > threshold else "")
+
+
+def _short_reason(snap: EngineSnapshot) -> str:
+    """Why a session is not simply running: its status reason, else its troubled streams."""
+    if _bucket(snap.status) != "running":
+        return snap.status_reason
+    return ", ".join(f"{s.role} {s.state.value}" for s in _troubled(snap))
+
+
+def _session_row(snap: EngineSnapshot, *, show_fd: bool) -> list[RenderableType]:
+    p = _category_probability(snap)
+    row: list[RenderableType] = [
+        Text(snap.session_id or _MISSING, style="cyan"),
+        Text(snap.status, style=_status_style(snap.status)),
+        str(snap.tr_index) if snap.tr_index is not None else _MISSING,
+        Text(snap.category or _MISSING, style=_CATEGORY_STYLE.get(snap.category or "", "")),
+        _fmt(p, ".2f"),
+        _fmt(snap.intensity, "+.1f"),
+        _compact_rate(snap.heart_rate, snap.heart_rate_valid),
+        _compact_rate(snap.respiration_rate, snap.respiration_rate_valid),
+    ]
+    if show_fd:
+        row.append(_compact_fd(snap))
+    row += [
+        _fmt(snap.latency.p99_ms, ".1f"),
+        str(snap.predictions),
+        Text(_short_reason(snap), style="dim"),
+    ]
+    return row
+
+
+def _sessions_table(snaps: Sequence[EngineSnapshot], width: int) -> Table:
+    """One line per session: no box, no row lines, no vertical padding, one-space gutters."""
+    show_fd = any(s.fd_threshold is not None or s.framewise_displacement is not None for s in snaps)
+    t = Table(
+        box=None,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        header_style="bold underline",
+        width=width,
+        expand=True,
+    )
+    t.add_column("Session", no_wrap=True, overflow="ellipsis", max_width=24)
+    t.add_column("Status", no_wrap=True, overflow="ellipsis", max_width=10)
+    right = ["TR", "Category", "P", "Int.", "HR", "RR", *(["FD"] if show_fd else [])]
+    for col in right:
+        t.add_column(col, no_wrap=True, justify="left" if col == "Category" else "right")
+    t.add_column("p99 ms", no_wrap=True, justify="right")
+    t.add_column("Preds", no_wrap=True, justify="right")
+    t.add_column("Reason", no_wrap=True, overflow="ellipsis", ratio=1)
+    for snap in snaps:
+        t.add_row(*_session_row(snap, show_fd=show_fd))
+    return t
+
+
+def _counts(snaps: Sequence[EngineSnapshot]) -> dict[str, int]:
+    counts = dict.fromkeys(_BUCKETS, 0)
+    for s in snaps:
+        counts[_bucket(s.status)] += 1
+    return counts
+
+
+def _sessions_header(snaps: Sequence[EngineSnapshot]) -> Text:
+    """Totals on one line. The rate is each session's mean since its start, summed (cheap,
+    and honest about being an average); the uptime is the longest session's, the hub's own
+    to within its start-up."""
+    head = Text(no_wrap=True, overflow="ellipsis")
+    head.append("EmoRecog-Stream hub", style="bold")
+    head.append(f"  {len(snaps)} sessions: ")
+    for i, (bucket, n) in enumerate(_counts(snaps).items()):
+        head.append(", " if i else "")
+        head.append(f"{n} {bucket}", style=_BUCKET_STYLE[bucket] if n else "dim")
+    total = sum(s.predictions for s in snaps)
+    rate = sum(s.predictions / s.uptime_s for s in snaps if s.uptime_s > 0)
+    head.append(f"  predictions {total} (avg {rate:.1f}/s)")
+    head.append(f"  uptime {_fmt_duration(max((s.uptime_s for s in snaps), default=0.0))}")
+    head.append("  ? = rate not valid", style="dim")
+    return head
+
+
+def _pick_rows(
+    snaps: Sequence[EngineSnapshot], height: int | None
+) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
+    """(shown, left out): all by session id when they fit ``height`` lines, else worst first.
+
+    A footer line is needed once rows are left out, so at most ``height - 3`` rows then.
+    """
+    by_id = sorted(snaps, key=lambda s: _natural_key(s.session_id))
+    if height is None or len(by_id) + _SESSIONS_CHROME <= height:
+        return by_id, []
+    room = max(1, height - _SESSIONS_CHROME - 1)
+    worst_first = sorted(by_id, key=_severity)  # stable: by id within a severity
+    return worst_first[:room], worst_first[room:]
+
+
+def _more_line(hidden: Sequence[EngineSnapshot]) -> Text:
+    counts = _counts(hidden)
+    what = ", ".join(f"{n} {b}" for b, n in counts.items() if n)
+    return Text(f"+{len(hidden)} more ({what}): enlarge the terminal to see them", style="dim")
+
+
+def _check_snapshots(snapshots: object) -> tuple[EngineSnapshot, ...]:
+    snaps = tuple(snapshots)  # type: ignore[call-overload]
+    for s in snaps:
+        if not isinstance(s, EngineSnapshot):
+            raise TypeError(f"expected EngineSnapshots, got {type(s).__name__}")
+    return snaps
+
+
+def _sessions_parts(
+    snaps: Sequence[EngineSnapshot], width: int, height: int | None
+) -> list[RenderableType]:
+    """The sessions view, built now (so a bad snapshot fails here, not while printing)."""
+    head = _sessions_header(snaps)
+    if not snaps:
+        return [head, Text(NO_SESSIONS, style="dim")]
+    shown, hidden = _pick_rows(snaps, height)
+    parts: list[RenderableType] = [head, _sessions_table(shown, width)]
+    if hidden:
+        parts.append(_more_line(hidden))
+    return parts
+
+
+class SessionsView:
+    """The sessions table for a fixed list of snapshots, laid out at print time.
+
+    ``width`` caps the table (the console's width otherwise); ``height`` is the number of
+    lines it may take (None: every row, the way a file or a pipe wants it).
+    """
+
+    def __init__(
+        self,
+        snapshots: Sequence[EngineSnapshot],
+        *,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> None:
+        self.snapshots = _check_snapshots(snapshots)
+        self.width = width
+        self.height = height
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = min(self.width, options.max_width) if self.width else options.max_width
+        yield Constrain(Group(*_sessions_parts(self.snapshots, width, self.height)), width)
+
+
+def render_sessions(
+    snapshots: Sequence[EngineSnapshot], *, width: int | None = None, height: int | None = None
+) -> RenderableType:
+    """A compact table with one line per session, sorted by session id (pure).
+
+    Fits 64 sessions and its two heading lines into 66 lines; with ``height`` smaller than
+    that, the worst sessions (offline, degraded, stalled streams) come first and a last line
+    says how many were left out.
+    """
+    if width is not None and width < 1:
+        raise ValueError(f"sessions table width must be >= 1, got {width}")
+    if height is not None and height < 1:
+        raise ValueError(f"sessions table height must be >= 1, got {height}")
+    return SessionsView(snapshots, width=width, height=height)
+
+
+class HubView:
+    """What the hub shows for the snapshots ``source`` returns when it is printed.
+
+    None: :data:`NO_SESSIONS`; one: the single-session dashboard (:func:`render`); more: the
+    sessions table, cut to the screen's height with ``fit_screen``. With ``safe`` an error
+    (in ``source`` or in a snapshot) becomes a red line instead of an exception.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], Sequence[EngineSnapshot]],
+        *,
+        fit_screen: bool = False,
+        safe: bool = False,
+    ) -> None:
+        self.source = source
+        self.fit_screen = fit_screen
+        self.safe = safe
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        try:
+            parts = self._parts(options)
+        except Exception as exc:
+            if not self.safe:
+                raise
+            parts = [_failure(exc)]
+        yield from parts
+
+    def _parts(self, options: ConsoleOptions) -> list[RenderableType]:
+        snaps = _check_snapshots(self.source())
+        if not snaps:
+            return [Text(NO_SESSIONS, style="dim")]
+        if len(snaps) == 1:
+            return [DashboardView(snaps[0], safe=self.safe)]
+        height = (options.height or options.size.height) if self.fit_screen else None
+        return _sessions_parts(snaps, options.max_width, height)
+
+
+def render_hub(snapshots: Sequence[EngineSnapshot]) -> RenderableType:
+    """The hub's view of these snapshots (pure), as :class:`HubDashboard` shows them."""
+    snaps = _check_snapshots(snapshots)
+    return HubView(lambda: snaps)
+
+
+_Screen = TypeVar("_Screen", bound="_LiveScreen")
+
+
+class _LiveScreen:
+    """What both live views share: rich's refresh thread, a capped rate, start/stop.
+
+    Subclasses say what to show in :meth:`_current`, which rich calls from its own thread on
+    every refresh (and once on :meth:`start` and :meth:`stop` from the caller's).
+    """
+
+    def __init__(self, console: Console | None, *, refresh_per_second: float, screen: bool) -> None:
+        if not (0 < refresh_per_second <= MAX_REFRESH_HZ):
+            raise ValueError(
+                f"dashboard refresh rate must be in (0, {MAX_REFRESH_HZ:g}] Hz,"
+                f" got {refresh_per_second}"
+            )
+        self.console = console or Console()
+        self.refresh_per_second = float(refresh_per_second)
+        self._live = Live(
+            console=self.console,
+            screen=screen,
+            auto_refresh=True,
+            refresh_per_second=self.refresh_per_second,
+            get_renderable=self._current,
+        )
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _current(self) -> RenderableType:
+        raise NotImplementedError
+
+    def start(self: _Screen) -> _Screen:
+        with self._lock:
+            if not self._started:
+                self._live.start(refresh=True)
+                self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Render once more and release the terminal (idempotent)."""
+        with self._lock:
+            if self._started:
+                self._live.stop()
+                self._started = False
+
+    def __enter__(self: _Screen) -> _Screen:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Dashboard(_LiveScreen):
     """A live terminal view of the newest snapshot; ``update`` never blocks on the terminal.
 
     Use as a context manager or call :meth:`start`/:meth:`stop`. Refreshes at most
@@ -358,23 +704,8 @@ class Dashboard:
         refresh_per_second: float = 4.0,
         screen: bool = False,
     ) -> None:
-        if not (0 < refresh_per_second <= MAX_REFRESH_HZ):
-            raise ValueError(
-                f"dashboard refresh rate must be in (0, {MAX_REFRESH_HZ:g}] Hz,"
-                f" got {refresh_per_second}"
-            )
-        self.console = console or Console()
-        self.refresh_per_second = float(refresh_per_second)
         self._snapshot = EngineSnapshot()
-        self._live = Live(
-            console=self.console,
-            screen=screen,
-            auto_refresh=True,
-            refresh_per_second=self.refresh_per_second,
-            get_renderable=self._current,
-        )
-        self._started = False
-        self._lock = threading.Lock()
+        super().__init__(console, refresh_per_second=refresh_per_second, screen=screen)
 
     def _current(self) -> RenderableType:
         # one reference read (atomic); the snapshot is immutable, so no lock is needed
@@ -405,30 +736,36 @@ class Dashboard:
             self.update(source())
             await asyncio.sleep(period)
 
-    def start(self) -> Dashboard:
-        with self._lock:
-            if not self._started:
-                self._live.start(refresh=True)
-                self._started = True
-        return self
 
-    def stop(self) -> None:
-        """Render the last snapshot once more and release the terminal (idempotent)."""
-        with self._lock:
-            if self._started:
-                self._live.stop()
-                self._started = False
+class HubDashboard(_LiveScreen):
+    """A live view of every session a hub serves, asked for afresh on each refresh.
 
-    def __enter__(self) -> Dashboard:
-        return self.start()
+    ``snapshots`` is called from rich's refresh thread (and on :meth:`start`/:meth:`stop` from
+    the caller's), so it must be safe there: e.g. ``lambda: tuple(latest.values())`` over a
+    dict whose values the hub's loop replaces with immutable snapshots. It shows the
+    single-session dashboard for one session and the sessions table otherwise, cut to the
+    terminal's height. If ``snapshots`` raises or a frame cannot be built, the error shows
+    on screen and the next refresh tries again: the refresh thread never dies of it.
+    """
 
-    def __exit__(
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        snapshots: Callable[[], Sequence[EngineSnapshot]],
+        console: Console | None = None,
+        *,
+        refresh_per_second: float = 2.0,
+        screen: bool = False,
     ) -> None:
-        self.stop()
+        if not callable(snapshots):
+            raise TypeError(
+                "HubDashboard expects a callable returning snapshots,"
+                f" got {type(snapshots).__name__}"
+            )
+        self.snapshots = snapshots
+        super().__init__(console, refresh_per_second=refresh_per_second, screen=screen)
+
+    def _current(self) -> RenderableType:
+        return HubView(self.snapshots, fit_screen=True, safe=True)
 
 
 def _clock(utc: str | None) -> str:
@@ -528,6 +865,34 @@ def format_log_line(item: Prediction | EngineSnapshot, *, mqtt_state: str | None
     if flags:
         line += "  [" + ",".join(flags) + "]"
     return line
+
+
+def _ids(snaps: Sequence[EngineSnapshot], limit: int = 6) -> str:
+    ids = sorted((s.session_id or _MISSING for s in snaps), key=_natural_key)
+    more = f",+{len(ids) - limit}" if len(ids) > limit else ""
+    return ",".join(ids[:limit]) + more
+
+
+def format_hub_log_line(snapshots: Sequence[EngineSnapshot], *, now: datetime | None = None) -> str:
+    """One plain line about all sessions, for a hub whose stdout is not a terminal.
+
+    ``time  hub N sessions: a running, b degraded, c offline  predictions P`` and, when some
+    are not running, which ones (the first few ids), so a log says whom to look at. Meant
+    to be printed every few seconds next to the per-TR lines; ``now`` defaults to the clock.
+    """
+    snaps = _check_snapshots(snapshots)
+    when = (now or datetime.now(timezone.utc)).isoformat(timespec="milliseconds")
+    counts = _counts(snaps)
+    parts = [
+        _clock(when),
+        f"hub {len(snaps)} sessions: " + ", ".join(f"{n} {b}" for b, n in counts.items()),
+        f"predictions {sum(s.predictions for s in snaps)}",
+    ]
+    for bucket in ("offline", "degraded"):
+        which = [s for s in snaps if _bucket(s.status) == bucket]
+        if which:
+            parts.append(f"{bucket}: {_ids(which)}")
+    return "  ".join(parts)
 
 
 class LogLinePrinter:
