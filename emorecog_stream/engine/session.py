@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -59,6 +59,9 @@ from emorecog_stream.engine.state import (
 from emorecog_stream.engine.telemetry import EngineSnapshot, StreamState, TelemetryRecorder
 from emorecog_stream.model.api import StepOutput, StreamingModel
 from emorecog_stream.sinks.payload import utc_now
+
+if TYPE_CHECKING:
+    from emorecog_stream.engine.batch import StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,7 @@ class Engine:
         time_scale: float = 1.0,
         clock: Callable[[], float] | None = None,
         broker_url: str | None = None,
+        step_batch: StepBatch | None = None,
     ) -> None:
         if not (time_scale > 0 and math.isfinite(time_scale)):
             raise ValueError(f"time_scale must be a positive number, got {time_scale}")
@@ -177,7 +181,10 @@ class Engine:
         self.config = config
         self.model = model
         self.model_id = str(model.model_id)
-        self.stepper = model.stepper()
+        # a hub's engines step together (engine/batch.py); a lone engine steps inline
+        self.step_batch = step_batch
+        self.slot = step_batch.slot() if step_batch is not None else None
+        self.stepper = self.slot.stepper if self.slot is not None else model.stepper()
         self.outputs = list(outputs)
         self.time_scale = float(time_scale)
         self.clock = clock
@@ -470,6 +477,9 @@ class Engine:
         made: list[Prediction] = []
         for step in steps:
             pending = self._prepare(step, ready_at)
+            if self.step_batch is not None and not self._closed:
+                self.step_batch.submit(self, pending)  # answered in _finish_batched
+                continue
             if self._use_thread():
                 self._submit(pending)
                 continue
@@ -576,6 +586,11 @@ class Engine:
         wait for its motion sample (see :meth:`_release_held`); returns what was published."""
         self._held.append((pending, out))
         return self._release_held()
+
+    def _finish_batched(self, pending: _PendingStep, out: StepOutput | BaseException) -> None:
+        """The step batch's answer for one of this engine's steps (in submission order)."""
+        self._finish(pending, out)
+        self._reschedule()  # a held step may now wait for its motion sample
 
     def _publish(self, pending: _PendingStep, out: StepOutput | BaseException) -> Prediction | None:
         """Number the model's answer and hand it to telemetry and the outputs (on the loop)."""
@@ -890,6 +905,8 @@ class Engine:
             self._timer.cancel()
             self._timer = None
         try:
+            if self.step_batch is not None:
+                self.step_batch.flush(self)  # steps handed to the batch are taken first
             await self._wait_model()  # steps already taken are published before offline
             self._release_held(force=True)
         finally:
@@ -908,6 +925,8 @@ class Engine:
                 await output.aclose()
             except Exception:
                 log.exception("output %r failed to close", output)
+        if self.slot is not None:
+            self.slot.close()
 
 
 def make_aligner(config: Config) -> Aligner:

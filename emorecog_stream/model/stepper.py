@@ -332,6 +332,60 @@ class NetBatchStepper:
         return self._f @ w.w_heads
 
 
+class NetStepperPool:
+    """Steps several sessions' :class:`NetStepper` objects, one volume each, as one batch.
+
+    Why: a hub serves sessions whose volumes arrive at their own times. Each session keeps its
+    own :class:`NetStepper` (the cheapest path when it steps alone); when several are ready at
+    once, their states (GRU, baselines, convolution carry, volume counts) are gathered into one
+    :class:`NetBatchStepper`, advanced in one pass and written back. Each row depends only on
+    its own history and the arithmetic is float64 (see the module docstring), so the result
+    equals stepping each session alone.
+    """
+
+    _STATE = ("_x", "_carry", "_u", "_f")
+
+    def __init__(self, weights: _Weights) -> None:
+        self._w = weights
+        self._work: dict[int, NetBatchStepper] = {}  # batch steppers by batch size, reused
+
+    def stepper(self) -> NetStepper:
+        return NetStepper(self._w)
+
+    def step_together(
+        self,
+        steppers: list[NetStepper],
+        roi: np.ndarray,
+        heart_rate: np.ndarray,
+        respiration_rate: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One volume for each of ``steppers`` (distinct); returns (probabilities (k, 3),
+        intensity (k,)) in their order. Nothing is written back if the step raises."""
+        k = len(steppers)
+        if len({id(s) for s in steppers}) != k:
+            raise ValueError("step_together: a session may step once per call")
+        work = self._work.get(k)
+        if work is None:
+            work = self._work[k] = NetBatchStepper(self._w, k)
+        singles = [s._batch for s in steppers]
+        for name in self._STATE:
+            np.concatenate([getattr(b, name) for b in singles], out=getattr(work, name))
+        np.concatenate([b._roi_mean for b in singles], out=work._roi_mean)
+        work._rate_mean[:] = [(s._hr.mean, s._rr.mean) for s in steppers]
+        work._rate_count[:] = [(s._hr.count, s._rr.count) for s in steppers]
+        work._count = 0
+        work._reset_at[:] = [-s._n for s in steppers]
+        out = work.step_batch(roi, heart_rate, respiration_rate)
+        for i, (s, b) in enumerate(zip(steppers, singles, strict=True)):
+            for name in self._STATE:
+                getattr(b, name)[0] = getattr(work, name)[i]
+            b._roi_mean[0] = work._roi_mean[i]
+            s._hr.mean, s._rr.mean = float(work._rate_mean[i, 0]), float(work._rate_mean[i, 1])
+            s._hr.count, s._rr.count = int(work._rate_count[i, 0]), int(work._rate_count[i, 1])
+            s._n += 1
+        return out
+
+
 class NetStepper:
     """The :class:`~emorecog_stream.model.api.Stepper` of one session (a batch of one, with the
     per-volume bookkeeping in plain Python floats, which is cheaper than NumPy at this size)."""
@@ -405,6 +459,10 @@ class StreamingEmoRecogNet:
     def batch_stepper(self, batch_size: int) -> NetBatchStepper:
         """A stepper advancing ``batch_size`` independent sessions per call."""
         return NetBatchStepper(self._weights, batch_size)
+
+    def stepper_pool(self) -> NetStepperPool:
+        """Single-session steppers that can also be stepped together as one batch (the hub)."""
+        return NetStepperPool(self._weights)
 
     def predict_sequence(
         self, roi: np.ndarray, heart_rate: np.ndarray, respiration_rate: np.ndarray
