@@ -381,8 +381,12 @@ class AsyncInlet:
         pull_timeout: float = 0.05,
         max_chunk: int = 1024,
         rate_window: float = 5.0,
+        info: pylsl.StreamInfo | None = None,
     ) -> None:
         self.spec = spec
+        # a stream already found (the hub's one resolver, adapters/lsl_discovery.py): opened
+        # directly, without a resolve of its own
+        self._found = info
         self._queue: asyncio.Queue[Any] | None = queue
         self._own_queue = queue is None
         self._pull_timeout = pull_timeout
@@ -450,6 +454,12 @@ class AsyncInlet:
         except BaseException:
             await self.close()
             raise
+
+    async def wait_connected(self, timeout: float) -> StreamMetadata:
+        """After :meth:`start`: the stream's metadata once connected; raises what stopped it
+        (:class:`StreamMismatchError`, ...) or :class:`asyncio.TimeoutError`."""
+        assert self._connected is not None, "call start() first"
+        return await asyncio.wait_for(asyncio.shield(self._connected), timeout)
 
     def status(self) -> StreamStatus:
         now = pylsl.local_clock()
@@ -546,6 +556,16 @@ class AsyncInlet:
         """Resolve + check + open (blocking, in the reader thread). None when stopped."""
         deadline = self._open_deadline
         started = pylsl.local_clock()
+        if self._found is not None:
+            found, self._found = self._found, None
+            try:
+                check_info(self.spec, found)
+                return self._make_inlet(found)
+            except LslAdapterError as exc:  # the stream found is not what the spec wants
+                self._set_state(StreamState.ERROR, str(exc))
+                self._resolve_future(exc)
+                self._stop.set()
+                return None
         while not self._stop.is_set():
             try:
                 remaining = None if deadline is None else deadline - (pylsl.local_clock() - started)

@@ -359,6 +359,7 @@ class MqttPublisher:
         model_id: str | None = None,
         initial_state: str | None = "online",
         initial_reason: str = "engine started",
+        will: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics.for_session(session, settings.topic_prefix)
@@ -373,7 +374,19 @@ class MqttPublisher:
         )
         self._waiting: deque[_Outgoing] = deque()
         self._inflight: deque[tuple[_Outgoing, asyncio.Task[None]]] = deque()
-        self._current_status: _Outgoing | None = None
+        # the newest retained status per topic: sent again after a reconnect (a broker
+        # restarted without persistence forgets retained messages)
+        self._statuses: dict[str, _Outgoing] = {}
+        # Last Will: this session's status (default), or the hub's status topic (engine/hub.py)
+        self._will = will or (
+            self.topics.status,
+            status_payload(
+                session,
+                "offline",
+                "connection lost: the engine stopped without a clean disconnect",
+                model_id=model_id,
+            ),
+        )
         self._client: Any = None
         self._protocol_in_use: str | None = None
         self._state = "idle"
@@ -545,10 +558,11 @@ class MqttPublisher:
                 f" session {self.session!r}"
             )
 
-    def _enqueue_status(self, payload: dict[str, Any]) -> None:
-        msg = _Outgoing("status", self.topics.status, encode(payload), 1, True)
-        self._current_status = msg
+    def _enqueue_status(self, payload: dict[str, Any], topic: str | None = None) -> _Outgoing:
+        msg = _Outgoing("status", topic or self.topics.status, encode(payload), 1, True)
+        self._statuses[msg.topic] = msg
         self._enqueue(msg)
+        return msg
 
     def _enqueue(self, msg: _Outgoing) -> None:
         if self._closing is not None and self._closing.is_set():
@@ -642,14 +656,7 @@ class MqttPublisher:
     def _make_client(self, protocol: str) -> Any:
         import aiomqtt
 
-        will_payload = encode(
-            status_payload(
-                self.session,
-                "offline",
-                "connection lost: the engine stopped without a clean disconnect",
-                model_id=self.model_id,
-            )
-        )
+        will_topic, will_payload = self._will[0], encode(self._will[1])
         s = self.settings
         client = aiomqtt.Client(
             s.host,
@@ -662,7 +669,7 @@ class MqttPublisher:
             else aiomqtt.ProtocolVersion.V311,
             # No will properties: brokers that only speak 3.1.1 (amqtt) then fail to parse the
             # CONNECT instead of refusing the protocol version, and the fallback never happens.
-            will=aiomqtt.Will(self.topics.status, will_payload, 1, True),
+            will=aiomqtt.Will(will_topic, will_payload, 1, True),
             timeout=s.connect_timeout_s,
             keepalive=s.keepalive,
             tls_context=self._ssl_context,
@@ -784,8 +791,9 @@ class MqttPublisher:
         self._connected_event.set()
         self._failure = asyncio.get_running_loop().create_future()
         # The retained status may be gone (a broker restart without persistence): send it again.
-        if self._current_status is not None and self._current_status not in self._waiting:
-            self._waiting.appendleft(self._current_status)
+        resend = [m for m in self._statuses.values() if m not in self._waiting]
+        if resend:
+            self._waiting.extendleft(reversed(resend))
             if self._drained is not None:
                 self._drained.clear()
         self._client = client
@@ -821,3 +829,115 @@ class MqttPublisher:
                 aiomqtt.MqttError, OSError, asyncio.TimeoutError, RuntimeError
             ):
                 await asyncio.wait_for(client.__aexit__(None, None, None), 2.0)
+
+
+class SessionChannel:
+    """One session's topics on a connection shared by many sessions (the hub's).
+
+    Why: a hub serving 64 sessions with one connection each would hold 64 sockets, 64
+    keep-alive timers and 64 publisher tasks; the sessions' messages go through one
+    :class:`MqttPublisher` (one queue, one in-flight window, in order) instead. The channel has
+    the publisher's interface for one session (``publish_*``, ``set_status``, ``stats``,
+    ``start``, ``close``), so an engine cannot tell the difference; its statuses say which hub
+    serves it (``hub`` in the status details), because the connection's Last Will is the hub's
+    (one will per connection): a subscriber that sees the hub's status go ``offline`` knows
+    every session whose status names that hub is offline too.
+    """
+
+    def __init__(
+        self,
+        publisher: MqttPublisher,
+        session: str,
+        *,
+        hub: str,
+        model_id: str | None = None,
+        initial_state: str | None = "starting",
+        initial_reason: str = "waiting for the fMRI stream",
+    ) -> None:
+        self.publisher = publisher
+        self.settings = publisher.settings
+        self.session = session
+        self.hub = hub
+        self.model_id = model_id
+        self.topics = Topics.for_session(session, publisher.settings.topic_prefix)
+        self._initial = (initial_state, initial_reason) if initial_state is not None else None
+        self._closed = False
+        self._last_status: _Outgoing | None = None
+
+    @property
+    def stats(self) -> MqttStats:
+        """The shared connection's state and counters."""
+        return self.publisher.stats
+
+    async def start(self) -> None:
+        if self._initial is not None:
+            self.set_status(*self._initial)
+
+    def publish_prediction(self, prediction: Prediction) -> None:
+        self._check_session(prediction)
+        payload = encode(prediction_payload(prediction))
+        topic, qos = self.topics.prediction, self.settings.qos
+        self.publisher._enqueue(_Outgoing("prediction", topic, payload, qos, False))
+
+    def publish_physio(
+        self,
+        prediction: Prediction,
+        *,
+        heart_rate_quality: float | None = None,
+        respiration_rate_quality: float | None = None,
+    ) -> None:
+        self._check_session(prediction)
+        payload = encode(
+            physio_payload(
+                prediction,
+                heart_rate_quality=heart_rate_quality,
+                respiration_rate_quality=respiration_rate_quality,
+            )
+        )
+        qos = self.settings.qos
+        self.publisher._enqueue(_Outgoing("physio", self.topics.physio, payload, qos, False))
+
+    def publish_marker(self, timestamp: float, text: str) -> None:
+        payload = encode(marker_payload(self.session, timestamp, text))
+        qos = self.settings.qos
+        self.publisher._enqueue(_Outgoing("marker", self.topics.marker, payload, qos, False))
+
+    def set_status(
+        self, state: str, reason: str = "", details: dict[str, Any] | None = None
+    ) -> None:
+        if self._closed:
+            return
+        payload = status_payload(
+            self.session,
+            state,
+            reason,
+            model_id=self.model_id,
+            details={**(details or {}), "hub": self.hub},
+        )
+        self._last_status = self.publisher._enqueue_status(payload, self.topics.status)
+
+    async def close(self, timeout: float = 5.0, reason: str = "engine stopped") -> bool:
+        """Publish this session's ``offline`` and wait (up to ``timeout``) until the broker
+        has it; the shared connection stays up for the other sessions."""
+        if self._closed:
+            return True
+        self.set_status("offline", reason)
+        self._closed = True
+        offline = self._last_status
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            queued = offline in self.publisher._waiting or any(
+                m is offline for m, _ in self.publisher._inflight
+            )
+            if not queued or self.publisher._state == "closed":
+                return not queued
+            await asyncio.sleep(0.02)
+        return False
+
+    def _check_session(self, prediction: Prediction) -> None:
+        if prediction.session != self.session:
+            raise PayloadError(
+                f"prediction for session {prediction.session!r} given to the channel of"
+                f" session {self.session!r}"
+            )
