@@ -54,9 +54,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sessions",
-        metavar="FILE",
-        help="serve every session listed in FILE ([[session]] id, tag) in this one process"
-        " with one model (docs/hub.md); --log then names a folder for <id>.jsonl",
+        metavar="FILE|auto",
+        help="a hub: serve every session listed in FILE ([[session]] id, tag; read again when"
+        " it changes), or with 'auto' every fMRI stream found on the network, in this one"
+        " process with one model and one MQTT connection (docs/hub.md); --log then names a"
+        " folder for <id>.jsonl",
+    )
+    parser.add_argument(
+        "--include",
+        metavar="GLOB",
+        help="with --sessions auto: only fMRI streams whose source id or name match GLOB"
+        " (e.g. 'emorecog-stream-fmri-scanner*'), so hubs can split a network's sessions",
+    )
+    parser.add_argument(
+        "--hub-id",
+        metavar="ID",
+        help="with --sessions: the hub's name on MQTT (<prefix>/_hubs/<ID>/status and its Last"
+        " Will; default <hostname>-<pid>)",
+    )
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --sessions auto: stop a session whose fMRI stream has been gone S seconds"
+        " (default 30)",
     )
 
 
@@ -102,7 +124,10 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "sessions", None):
         from emorecog_stream.commands.run_hub import run_sessions_file
 
-        return run_sessions_file(config, args.sessions, speed)
+        return run_sessions_file(config, args.sessions, speed, args)
+    for flag in ("include", "hub_id"):
+        if getattr(args, flag, None):
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --sessions")
     try:
         asyncio.run(_run(config, speed, run_engine))
     except RunError as exc:
