@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from emorecog_stream.cli import main as cli_main
-from emorecog_stream.engine.rerun import config_for, rerun_session, session_ids
+from emorecog_stream.engine.rerun import (
+    RerunJob,
+    config_for,
+    rerun_group,
+    rerun_many,
+    rerun_session,
+    session_ids,
+    split_jobs,
+)
 from emorecog_stream.model import load_model
 from emorecog_stream.recordings.synth import SynthConfig, generate_session
 from emorecog_stream.recordings.xdf import write_xdf
@@ -137,6 +145,106 @@ def test_rerun_deadline_and_stall_as_live(model) -> None:
     assert "degraded" in statuses and statuses[-1] == "offline"
     assert statuses.index("degraded") < len(statuses) - 2  # and online again after it
     assert "online" in statuses[statuses.index("degraded"):]
+
+
+def with_ppg_gap(session, start: float = 40.0, stop: float = 60.0):
+    """``session`` with its PPG missing from ``start`` to ``stop`` s after its first sample."""
+    t = session.ppg.timestamps
+    keep = (t < t[0] + start) | (t > t[0] + stop)
+    session.ppg.timestamps = t[keep]
+    session.ppg.data = session.ppg.data[keep]
+    return session
+
+
+def without_utc(predictions) -> list[dict]:
+    return [{k: v for k, v in prediction_payload(p).items() if k != "utc"} for p in predictions]
+
+
+@pytest.mark.timeout(120)
+def test_sessions_rerun_together_equal_each_rerun_alone(model) -> None:
+    """Six sessions in one worker, their steps batched: per session, exactly the payloads
+    (every field but ``utc``) and counters of re-running it alone. The mix makes the
+    sessions' turns fall differently: a PPG gap (deadline steps, then a stall, fired by the
+    timer between chunks), the same recording twice, 20 ms and 0.5 s chunks, a shorter
+    session, an off-grid one; and only three may be open at once (the rest start as others
+    end)."""
+    sessions = [
+        generate_session(1, SHORT),
+        with_ppg_gap(generate_session(2, SHORT)),
+        generate_session(3, SHORT),
+        generate_session(1, SHORT),
+        off_grid(generate_session(2, SHORT)),
+        generate_session(3, SynthConfig(n_participants=3, n_trials=3, rest_s=1.0, lead_in_s=2.0)),
+    ]
+    chunks = [1.0, 1.0, 0.02, 0.5, 1.0, 1.0]
+    ids = session_ids(sessions)
+    jobs = [
+        RerunJob(sid, s, None, None, chunk_s, config_for(sid, **{"engine.stall_timeout": 10.0}))
+        for sid, s, chunk_s in zip(ids, sessions, chunks, strict=True)
+    ]
+    together = asyncio.run(rerun_group(jobs, model, keep_predictions=True, together=3))
+    batch = together[0].batch
+    assert batch is not None and all(r.batch is batch for r in together)
+    assert batch.sessions == 6 and batch.steps == sum(s.n_volumes for s in sessions)
+    assert batch.largest == 3 and batch.mean_size > 2.0  # really batched
+    assert together[1].counters.deadline_steps > 0
+    for job, got in zip(jobs, together, strict=True):
+        alone = asyncio.run(
+            rerun_session(
+                job.session,
+                model,
+                session_id=job.session_id,
+                config=job.config,
+                chunk_seconds=job.chunk_seconds,
+                keep_predictions=True,
+            )
+        )
+        assert got.session_id == job.session_id
+        assert len(got.predictions) == job.session.n_volumes
+        assert without_utc(got.predictions) == without_utc(alone.predictions), job.session_id
+        assert got.counters == alone.counters, job.session_id
+
+
+def test_rerun_many_in_one_process_writes_the_logs_of_each_alone(tmp_path: Path, model) -> None:
+    """``rerun_many(jobs=1)`` (the batched path): each session's log holds exactly the records
+    of its re-run alone, in the same order (the ``utc`` fields aside)."""
+    sessions = [generate_session(1, SHORT), with_ppg_gap(generate_session(2, SHORT))]
+    results = rerun_many(sessions, out_dir=tmp_path / "together", model=model, jobs=1)
+    assert [r.session_id for r in results] == ["P01", "P02"]
+    assert results[0].batch is not None and results[0].batch.mean_size > 1.5
+    assert sum(r.seconds for r in results) > 0
+    for sid, session in zip(["P01", "P02"], sessions, strict=True):
+        asyncio.run(
+            rerun_session(session, model, session_id=sid, log_path=tmp_path / f"{sid}.jsonl")
+        )
+
+        def records(path: Path) -> list[dict]:
+            return [
+                {k: v for k, v in r.items() if k not in ("utc", "started_utc")}
+                for r in read_log(path)
+            ]
+
+        alone = records(tmp_path / f"{sid}.jsonl")
+        assert records(tmp_path / "together" / f"{sid}.jsonl") == alone
+        assert sum(r["kind"] == "prediction" for r in alone) == session.n_volumes
+
+
+def test_split_jobs_balances_volumes_and_keeps_order() -> None:
+    lengths = [185, 95, 95, 35, 185, 65]
+
+    class S:
+        def __init__(self, n: int) -> None:
+            self.n_volumes = n
+
+    jobs = [RerunJob(f"s{i}", S(n), None, None, 1.0) for i, n in enumerate(lengths)]  # type: ignore[arg-type]
+    shares = split_jobs(jobs, 2)
+    assert sorted(i for share in shares for i in share) == list(range(6))
+    assert all(share == sorted(share) for share in shares)
+    loads = [sum(lengths[i] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 35
+    alone = split_jobs(jobs, 10)  # no more workers than sessions
+    assert len(alone) == 6 and sorted(share[0] for share in alone) == list(range(6))
+    assert split_jobs(jobs[:1], 2) == [[0]]
 
 
 def test_session_ids_unique_and_topic_safe() -> None:

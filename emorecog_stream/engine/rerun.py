@@ -18,8 +18,13 @@ in seconds, with the live parts themselves:
   fast re-run never drops a message the way a live outage would.
 
 Many sessions: :func:`rerun_many` spreads them over worker processes (``jobs``), each loading
-the model once; the engine's per-step model cost (~0.04 ms) is small beside the physiology
-work, so processes, not batching, are what use both cores.
+the model once, and each worker re-runs its share together (:func:`rerun_group`): one
+:class:`~emorecog_stream.engine.batch.StepBatch` takes every session's ready step in one pass
+through the model. The sessions take turns: each runs on (chunks and timer wake-ups, in its own
+order, on its own clock) until it has handed a step to the batch, then the batch is flushed and
+every step published before its session does anything else. So each engine sees exactly the
+calls, at exactly the clock values, of a re-run alone, and a pass holds about one step of
+every session still running.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ from typing import Any
 
 from emorecog_stream.config import Config, apply_overrides, load_config
 from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.batch import StepBatch
 from emorecog_stream.engine.session import Engine, EngineCounters, Output
 from emorecog_stream.recordings.session import Session
 
@@ -48,6 +54,8 @@ TIMER_LAG_S = 1e-4
 DEFAULT_CHUNK_S = 1.0
 #: Wake-ups the engine may ask for at one moment before the re-run moves on (a safety stop).
 _MAX_WAKEUPS_AT_ONCE = 1000
+#: Sessions one worker re-runs at once (each holds its log file and broker connection open).
+GROUP_SESSIONS = 64
 
 
 class RerunError(ValueError):
@@ -90,20 +98,43 @@ class DataDrivenEngine(Engine):
         """What the live timer does when it fires (the clock is already at that moment)."""
         self._on_timer()
 
-    def advance_to(self, clock: DataClock, t: float) -> None:
-        """Fire every wake-up due before ``t``, each at its own moment, then set the clock to
-        ``t``."""
+    def wakeups(self, clock: DataClock, t: float) -> Iterator[None]:
+        """Fire every wake-up due before ``t``, each at its own moment, yielding after each
+        (a driver that batches steps publishes them there, before the clock moves on); then
+        set the clock to ``t``."""
         for _ in range(_MAX_WAKEUPS_AT_ONCE):
             when = self.next_wakeup()
             if when is None or when + TIMER_LAG_S > t:
                 break
-            fire_at = max(clock.now, when + TIMER_LAG_S)
-            clock.now = fire_at
+            clock.now = max(clock.now, when + TIMER_LAG_S)
             before = (self.aligner.pending, self.status)
             self.wake()
+            yield
             if (self.aligner.pending, self.status) == before and self.next_wakeup() == when:
                 break  # nothing changed and the same moment is asked for again
         clock.now = max(clock.now, t)
+
+    def advance_to(self, clock: DataClock, t: float) -> None:
+        """Fire every wake-up due before ``t``, each at its own moment, then set the clock to
+        ``t``."""
+        for _ in self.wakeups(clock, t):
+            pass
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """The step batch of one worker's sessions (shared by every session re-run in it)."""
+
+    group: int  # which worker's share (0, 1, ... in the order of the sessions)
+    sessions: int  # sessions re-run together
+    passes: int  # passes through the model
+    steps: int  # steps taken in them
+    largest: int  # the largest pass
+
+    @property
+    def mean_size(self) -> float:
+        """Steps per pass (1.0: no batching)."""
+        return self.steps / self.passes if self.passes else 0.0
 
 
 @dataclass
@@ -115,10 +146,13 @@ class RerunResult:
     log_path: str | None
     volumes: int
     counters: EngineCounters
-    seconds: float  # wall time of the re-run itself (model loading not included)
+    # wall seconds of the re-run itself (model loading not included); re-run with others, this
+    # session's share of their wall time (by volumes), so a worker's shares add up to its time
+    seconds: float
     mqtt_sent: int | None = None
     mqtt_dropped: int | None = None
     predictions: list[Any] = field(default_factory=list)  # kept only when asked (tests)
+    batch: BatchStats | None = None  # re-run with others: their step batch
 
 
 class _Collect:
@@ -135,6 +169,14 @@ class _Collect:
 
     async def aclose(self) -> None:
         pass
+
+
+class _DrivenBatch(StepBatch):
+    """A :class:`StepBatch` flushed by the re-run's driver only: never scheduled on the event
+    loop the re-run happens to run in (the driver knows when each engine must be answered)."""
+
+    def submit(self, engine: Engine, pending: Any) -> None:
+        self._queue.append((engine, pending))
 
 
 def session_ids(sessions: Sequence[Session]) -> list[str]:
@@ -158,6 +200,152 @@ def config_for(session_id: str, base: Config | None = None, **overrides: Any) ->
     return apply_overrides(base, values)
 
 
+@dataclass(frozen=True)
+class RerunJob:
+    """One session to re-run: the session, its id, where its log and messages go."""
+
+    session_id: str
+    session: Session
+    log_path: str | None
+    mqtt_url: str | None
+    chunk_seconds: float
+    config: Config | None = None
+
+
+class _SessionRun:
+    """One session on its way through a :class:`DataDrivenEngine`: its chunk plan, clock and
+    outputs. :meth:`plan` checks the recording (nothing opened yet), :meth:`open` creates the
+    engine and its outputs, :meth:`events` feeds it, :meth:`close` closes it."""
+
+    def __init__(self, job: RerunJob) -> None:
+        from emorecog_stream.adapters.replay import Replayer, ReplayError
+
+        self.job = job
+        config = job.config
+        if config is None:
+            config = config_for(job.session_id)
+        elif config.session.id != job.session_id:
+            config = apply_overrides(config, {"session.id": job.session_id})
+        self.config = config
+        try:
+            self.replayer = Replayer(job.session, speed=1.0, chunk_seconds=job.chunk_seconds)
+        except ReplayError as exc:
+            raise RerunError(f"session {job.session.participant!r}: {exc}") from None
+        self.base = self.replayer.recording_time()
+        self.pushes = list(self.replayer.pushes())
+        self.clock = DataClock(self.base + (self.pushes[0][0] if self.pushes else 0.0))
+        self.publisher: Any = None
+        self.collect: _Collect | None = None
+        self.engine: DataDrivenEngine | None = None
+
+    async def open(
+        self,
+        model: Any,
+        *,
+        keep_predictions: bool = False,
+        outputs: Sequence[Output] = (),
+        step_batch: StepBatch | None = None,
+    ) -> DataDrivenEngine:
+        from emorecog_stream.engine.outputs import MarkerLog, MqttOutput, RunSummaryLog
+        from emorecog_stream.sinks.jsonl import JsonlLog
+
+        job, config = self.job, self.config
+        all_outputs: list[Output] = list(outputs)
+        if keep_predictions:
+            self.collect = _Collect()
+            all_outputs.append(self.collect)
+        engine_box: list[Engine] = []
+        if job.mqtt_url:
+            from emorecog_stream.engine.runner import mqtt_settings_for
+            from emorecog_stream.sinks.mqtt import MqttPublisher
+
+            settings = mqtt_settings_for(config, job.mqtt_url)
+            self.publisher = MqttPublisher(settings, job.session_id, model_id=str(model.model_id))
+            await self.publisher.start()
+            all_outputs.append(MqttOutput(self.publisher))
+        if job.log_path is not None:
+            meta = {
+                "rerun": True,
+                "participant": job.session.participant,
+                "chunk_s": job.chunk_seconds,
+            }
+            log = JsonlLog(
+                job.log_path, session=job.session_id, model_id=str(model.model_id), meta=meta
+            )
+            if self.publisher is not None:
+                stats = self.publisher
+                all_outputs.append(
+                    RunSummaryLog(log, lambda: stats.stats, lambda: engine_box[0].counters)
+                )
+            all_outputs.append(log)
+            all_outputs.append(MarkerLog(log))
+
+        engine = DataDrivenEngine(
+            config, model, all_outputs, clock=self.clock, step_batch=step_batch
+        )
+        engine_box.append(engine)
+        for role, desc in self.replayer.descriptions.items():
+            engine.register_stream(role, desc.name, desc.nominal_srate)
+        for output in all_outputs:
+            output.on_status(engine.status)
+        engine._update_status()  # as Engine.run does before the first chunk
+        self.engine = engine
+        return engine
+
+    def events(self) -> Iterator[None]:
+        """Feed the engine every chunk and timer wake-up, in order; yields after each one that
+        made a step (with a step batch: handed it in, to be answered before the next event).
+        Live, each chunk is handed over at its due time, every wake-up due by then first."""
+        engine, clock, base = self.engine, self.clock, self.base
+        assert engine is not None, "open() first"
+        counters = engine.counters
+        for due, role, values, stamps in self.pushes:
+            t = base + due
+            when = engine.next_wakeup()
+            if when is not None and when + TIMER_LAG_S <= t:
+                steps = counters.steps
+                for _ in engine.wakeups(clock, t):
+                    if counters.steps != steps:
+                        steps = counters.steps
+                        yield
+            clock.now = max(clock.now, t)
+            steps = counters.steps
+            engine.process_chunk(role, _chunk_data(role, values), base + stamps, t)
+            if counters.steps != steps:
+                yield
+        # the end of the recording: what the live engine does while the replay lingers
+        end = base + self.replayer.duration + self.config.aligner.deadline + 1.0
+        steps = counters.steps
+        for _ in engine.wakeups(clock, end):
+            if counters.steps != steps:
+                steps = counters.steps
+                yield
+
+    @property
+    def backlogged(self) -> bool:
+        """The MQTT queue is over half full: wait for the broker (a full one would drop)."""
+        pub = self.publisher
+        return pub is not None and pub.stats.queued > pub.settings.queue_capacity // 2
+
+    async def close(self, seconds: float, batch: BatchStats | None = None) -> RerunResult:
+        engine, job = self.engine, self.job
+        assert engine is not None
+        await engine.aclose()
+        stats = self.publisher.stats if self.publisher is not None else None
+        return RerunResult(
+            session_id=job.session_id,
+            participant=job.session.participant,
+            log_path=job.log_path,
+            volumes=job.session.n_volumes,
+            counters=engine.counters,
+            seconds=seconds,
+            mqtt_sent=None if stats is None else stats.sent,
+            mqtt_dropped=None if stats is None else stats.dropped,
+            predictions=self.collect.predictions if self.collect is not None else [],
+            batch=batch,
+        )
+
+
 async def rerun_session(
     session: Session,
     model: Any,
@@ -170,91 +358,109 @@ async def rerun_session(
     keep_predictions: bool = False,
     outputs: Sequence[Output] = (),
 ) -> RerunResult:
-    """Feed one recorded session through a live :class:`Engine` at full speed.
+    """Feed one recorded session through a live :class:`Engine` at full speed, alone (the
+    model stepped inline, as a live ``run`` does).
 
     ``chunk_seconds`` is the replay's chunk length (``replay --chunk-ms``); the engine's
     output does not depend on it (the aligner waits for each volume's physiology, whatever
     the chunks), only the speed does. ``config``: the engine configuration (default: the
     defaults, with ``session_id``).
     """
-    from emorecog_stream.adapters.replay import Replayer, ReplayError
-    from emorecog_stream.engine.outputs import MarkerLog, MqttOutput, RunSummaryLog
-    from emorecog_stream.sinks.jsonl import JsonlLog
-
-    session_id = session_id or session_ids([session])[0]
-    if config is None:
-        config = config_for(session_id)
-    elif config.session.id != session_id:
-        config = apply_overrides(config, {"session.id": session_id})
-    try:
-        replayer = Replayer(session, speed=1.0, chunk_seconds=chunk_seconds)
-    except ReplayError as exc:
-        raise RerunError(f"session {session.participant!r}: {exc}") from None
-    base = replayer.recording_time()
-    pushes = list(replayer.pushes())
-    clock = DataClock(base + (pushes[0][0] if pushes else 0.0))
-
-    all_outputs: list[Output] = list(outputs)
-    collect = _Collect() if keep_predictions else None
-    if collect is not None:
-        all_outputs.append(collect)
-    publisher = None
-    engine_box: list[Engine] = []
-    if mqtt_url:
-        from emorecog_stream.engine.runner import mqtt_settings_for
-        from emorecog_stream.sinks.mqtt import MqttPublisher
-
-        settings = mqtt_settings_for(config, mqtt_url)
-        publisher = MqttPublisher(settings, session_id, model_id=str(model.model_id))
-        await publisher.start()
-        all_outputs.append(MqttOutput(publisher))
-    log = None
-    if log_path is not None:
-        meta = {"rerun": True, "participant": session.participant, "chunk_s": chunk_seconds}
-        log = JsonlLog(log_path, session=session_id, model_id=str(model.model_id), meta=meta)
-        if publisher is not None:
-            stats = publisher
-            all_outputs.append(
-                RunSummaryLog(log, lambda: stats.stats, lambda: engine_box[0].counters)
-            )
-        all_outputs.append(log)
-        all_outputs.append(MarkerLog(log))
-
-    engine = DataDrivenEngine(config, model, all_outputs, clock=clock)
-    engine_box.append(engine)
-    for role, desc in replayer.descriptions.items():
-        engine.register_stream(role, desc.name, desc.nominal_srate)
-    for output in all_outputs:
-        output.on_status(engine.status)
-    engine._update_status()  # as Engine.run does before the first chunk
-
-    capacity = publisher.settings.queue_capacity if publisher is not None else 0
-    t_start = time.perf_counter()
-    for n, (due, role, values, stamps) in enumerate(pushes):
-        t = base + due
-        engine.advance_to(clock, t)
-        engine.process_chunk(role, _chunk_data(role, values), base + stamps, t)
-        if publisher is not None and n % 64 == 0:
-            # never faster than the broker takes it: a full queue would drop predictions
-            while publisher.stats.queued > capacity // 2:
-                await asyncio.sleep(0.002)
-    # the end of the recording: what the live engine does while the replay lingers
-    end = base + replayer.duration + config.aligner.deadline + 1.0
-    engine.advance_to(clock, end)
-    seconds = time.perf_counter() - t_start
-    await engine.aclose()
-    stats = publisher.stats if publisher is not None else None
-    return RerunResult(
-        session_id=session_id,
-        participant=session.participant,
+    job = RerunJob(
+        session_id=session_id or session_ids([session])[0],
+        session=session,
         log_path=None if log_path is None else str(log_path),
-        volumes=session.n_volumes,
-        counters=engine.counters,
-        seconds=seconds,
-        mqtt_sent=None if stats is None else stats.sent,
-        mqtt_dropped=None if stats is None else stats.dropped,
-        predictions=collect.predictions if collect is not None else [],
+        mqtt_url=mqtt_url,
+        chunk_seconds=chunk_seconds,
+        config=config,
     )
+    run = _SessionRun(job)
+    await run.open(model, keep_predictions=keep_predictions, outputs=outputs)
+    t_start = time.perf_counter()
+    for n, _ in enumerate(run.events()):
+        if n % 32 == 0:
+            while run.backlogged:
+                await asyncio.sleep(0.002)
+    seconds = time.perf_counter() - t_start
+    return await run.close(seconds)
+
+
+async def rerun_group(
+    jobs: Sequence[RerunJob],
+    model: Any,
+    *,
+    keep_predictions: bool = False,
+    group: int = 0,
+    together: int = GROUP_SESSIONS,
+) -> list[RerunResult]:
+    """Re-run several sessions together in this process, their model steps batched (one
+    :class:`StepBatch`); results in the order of ``jobs``.
+
+    The sessions take turns: each runs its own events (:meth:`_SessionRun.events`) until it has
+    handed the batch a step, then one flush steps every handed-in step as one pass and each
+    engine publishes its answers, before its session's next event moves its clock. Each
+    session's predictions are those of :func:`rerun_session` on it alone. At most
+    ``together`` sessions are open at once (each holds its log file and broker connection
+    open); the next one starts as one ends.
+    """
+    runs = [_SessionRun(job) for job in jobs]  # every recording checked before anything opens
+    batch = _DrivenBatch(model)
+    waiting = list(reversed(runs))
+    turns: list[tuple[_SessionRun, Iterator[None]]] = []
+    results: dict[int, RerunResult] = {}
+    ended: list[_SessionRun] = []
+
+    async def start_more() -> None:
+        while waiting and len(turns) < max(1, together):
+            run = waiting.pop()
+            await run.open(model, keep_predictions=keep_predictions, step_batch=batch)
+            turns.append((run, run.events()))
+
+    await start_more()
+    t_start = time.perf_counter()
+    rounds = 0
+    while turns:
+        going = []
+        for run, events in turns:
+            if next(events, _DONE) is _DONE:
+                ended.append(run)
+            else:
+                going.append((run, events))
+        turns = going
+        batch.flush()
+        if ended and waiting:  # make room: close the finished ones now
+            for run in ended:
+                results[id(run)] = await run.close(0.0)
+            ended.clear()
+            await start_more()
+        rounds += 1
+        if rounds % 8 == 0:
+            for run, _ in turns:
+                while run.backlogged:
+                    await asyncio.sleep(0.002)
+    for result, run in zip(
+        await asyncio.gather(*(run.close(0.0) for run in ended)), ended, strict=True
+    ):
+        results[id(run)] = result
+    seconds = time.perf_counter() - t_start
+    stats = BatchStats(
+        group=group,
+        sessions=len(runs),
+        passes=batch.flushes,
+        steps=batch.steps,
+        largest=batch.largest,
+    )
+    volumes = sum(run.job.session.n_volumes for run in runs) or 1
+    out = []
+    for run in runs:
+        result = results[id(run)]
+        result.seconds = seconds * run.job.session.n_volumes / volumes
+        result.batch = stats
+        out.append(result)
+    return out
+
+
+_DONE = object()
 
 
 def _chunk_data(role: Role, values: Any) -> Any:
@@ -277,20 +483,8 @@ def load_worker_model(model_path: str | None) -> None:
     _WORKER_MODEL = load_model(model_path or None)
 
 
-@dataclass(frozen=True)
-class RerunJob:
-    """One session to re-run in a worker: the session itself or where to load it from."""
-
-    session_id: str
-    session: Session
-    log_path: str | None
-    mqtt_url: str | None
-    chunk_seconds: float
-    config: Config | None = None
-
-
 def run_job(job: RerunJob) -> RerunResult:
-    """Re-run one job in a worker started with :func:`load_worker_model`."""
+    """Re-run one job, alone, in a worker started with :func:`load_worker_model`."""
     assert _WORKER_MODEL is not None, "worker started without its model"
     return asyncio.run(
         rerun_session(
@@ -303,6 +497,26 @@ def run_job(job: RerunJob) -> RerunResult:
             chunk_seconds=job.chunk_seconds,
         )
     )
+
+
+def run_group(jobs: Sequence[RerunJob], group: int = 0) -> list[RerunResult]:
+    """Re-run a worker's share of the sessions together (:func:`rerun_group`), in a worker
+    started with :func:`load_worker_model`."""
+    assert _WORKER_MODEL is not None, "worker started without its model"
+    return asyncio.run(rerun_group(jobs, _WORKER_MODEL, group=group))
+
+
+def split_jobs(jobs: Sequence[RerunJob], workers: int) -> list[list[int]]:
+    """Indices of ``jobs`` for each of ``workers`` (none empty): the longest sessions first,
+    each to the worker with the fewest volumes so far, each share in the original order."""
+    workers = max(1, min(workers, len(jobs)))
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].session.n_volumes):
+        w = load.index(min(load))
+        shares[w].append(i)
+        load[w] += jobs[i].session.n_volumes
+    return [sorted(share) for share in shares]
 
 
 def rerun_many(
@@ -318,7 +532,8 @@ def rerun_many(
 ) -> list[RerunResult]:
     """Re-run every session; logs go to ``out_dir/<session id>.jsonl``.
 
-    ``jobs`` worker processes (each loads the model once); ``jobs=1`` runs in this process
+    ``jobs`` worker processes (each loads the model once) share the sessions out, each
+    re-running its share together (:func:`rerun_group`); ``jobs=1`` runs in this process
     (with ``model`` if given). Results come back in the order of ``sessions``.
     """
     ids = session_ids(sessions)
@@ -334,40 +549,37 @@ def rerun_many(
         )
         for sid, s in zip(ids, sessions, strict=True)
     ]
+    if not job_list:
+        return []
     if jobs <= 1 or len(job_list) <= 1:
         if model is None:
             from emorecog_stream.model import load_model
 
             model = load_model(model_path or None)
-
-        async def serial() -> list[RerunResult]:
-            return [
-                await rerun_session(
-                    j.session,
-                    model,
-                    session_id=j.session_id,
-                    config=j.config,
-                    log_path=j.log_path,
-                    mqtt_url=j.mqtt_url,
-                    chunk_seconds=j.chunk_seconds,
-                )
-                for j in job_list
-            ]
-
-        return asyncio.run(serial())
+        return asyncio.run(rerun_group(job_list, model))
+    shares = split_jobs(job_list, jobs)
     # spawned, not forked: a fork of a process with threads (an MQTT client, LSL) can
     # inherit a lock held by one of them and hang
     with ProcessPoolExecutor(
-        max_workers=min(jobs, len(job_list)),
+        max_workers=len(shares),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=load_worker_model,
         initargs=(model_path,),
     ) as pool:
-        return list(pool.map(run_job, job_list))
+        done = pool.map(
+            run_group, [[job_list[i] for i in share] for share in shares], range(len(shares))
+        )
+        results: list[RerunResult | None] = [None] * len(job_list)
+        for share, share_results in zip(shares, done, strict=True):
+            for i, result in zip(share, share_results, strict=True):
+                results[i] = result
+    return [r for r in results if r is not None]
 
 
 __all__ = [
     "DEFAULT_CHUNK_S",
+    "GROUP_SESSIONS",
+    "BatchStats",
     "DataClock",
     "DataDrivenEngine",
     "RerunError",
@@ -375,8 +587,11 @@ __all__ = [
     "RerunResult",
     "config_for",
     "load_worker_model",
+    "rerun_group",
     "rerun_many",
     "rerun_session",
+    "run_group",
     "run_job",
     "session_ids",
+    "split_jobs",
 ]
