@@ -6,6 +6,15 @@ prediction can arrive twice after a reconnect; this command shows each ``sequenc
 engine run (the memory of seen sequences is cleared when the session goes ``offline``).
 Human-readable lines go to stdout; ``--json`` prints each payload as one JSON line instead.
 Progress and errors go to stderr.
+
+Sessions served by a hub (``run --sessions``) share its one connection and its Last Will, on
+``<prefix>/_hubs/<hub id>/status``; this command subscribes to it too. When a hub's
+``offline`` arrives, a status line is printed for each session whose last status named that hub
+(``details.hub``): ``OFFLINE (hub <id> offline: <reason>)`` (in ``--json``: the session's
+status with that state and reason and ``"derived_from_hub": true``). A session's own status
+naming a hub that is offline is shown the same way; once the hub is back and the session
+publishes again, its own status is shown again. The rule is
+:class:`~emorecog_stream.web.state.HubWatch`, shared with the web pages.
 """
 
 from __future__ import annotations
@@ -106,16 +115,45 @@ def format_status(p: dict[str, Any]) -> str:
 
 
 class _Printer:
-    """Turns messages into output lines; de-duplicates predictions by (session, sequence)."""
+    """Turns messages into output lines; de-duplicates predictions by (session, sequence);
+    combines a hub's status with its sessions' (:class:`~emorecog_stream.web.state.HubWatch`).
+    """
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, prefix: str | None = None) -> None:
+        from emorecog_stream.web.state import HubWatch
+
         self.as_json = as_json
+        self.prefix = prefix
         self.predictions = 0
+        self.hubs = HubWatch()
         self._seen: dict[str, tuple[set[int], deque[int]]] = {}
 
+    def _show(self, payload: dict[str, Any]) -> str:
+        if self.as_json:
+            return json.dumps(payload, separators=(",", ":"))
+        return format_status(payload)
+
+    def _hub(self, topic: str, hub: str, raw: bytes) -> str | None:
+        """A hub's status: a line for each session it takes offline with it (or None)."""
+        from emorecog_stream.web.state import check_hub_status
+
+        payload = check_hub_status(topic, json.loads(raw), hub)
+        lines = []
+        for derived in self.hubs.hub_status(payload):
+            self._seen.pop(str(derived["session"]), None)  # its next run counts from 0 again
+            lines.append(self._show(derived))
+        return "\n".join(lines) or None
+
     def handle(self, topic: str, raw: bytes) -> str | None:
+        from emorecog_stream.web.state import HUBS_LEVEL, split_topic
+
         kind = topic.rsplit("/", 1)[-1]
         try:
+            levels = topic.split("/")
+            if len(levels) >= 3 and levels[-3] == HUBS_LEVEL:
+                what, hub, _ = split_topic(topic, self.prefix)
+                if what == "hub":
+                    return self._hub(topic, hub, raw)
             payload = json.loads(raw)
             if not isinstance(payload, dict):
                 raise TypeError(f"expected a JSON object, got {type(payload).__name__}")
@@ -132,14 +170,17 @@ class _Printer:
                 line = format_prediction(payload)
                 self.predictions += 1
             elif kind == "status":
-                if payload.get("state") == "offline":
+                if not isinstance(payload.get("state"), str):
+                    raise TypeError("status without a state")
+                shown = self.hubs.session_status(payload)  # offline when its hub is
+                if shown["state"] == "offline":
                     self._seen.pop(session, None)  # a restarted engine counts from 0 again
-                line = format_status(payload)
+                return self._show(shown)
             elif kind == "physio":
                 line = format_physio(payload)
             else:
                 return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # MessageError is a ValueError
             print(f"listen: ignoring malformed message on {topic}: {exc!r}", file=sys.stderr)
             return None
         return json.dumps(payload, separators=(",", ":")) if self.as_json else line
@@ -175,9 +216,12 @@ def main(args: argparse.Namespace) -> int:
     except (MqttConfigError, PayloadError) as exc:
         raise UsageError(str(exc)) from None
 
+    from emorecog_stream.web.state import HUBS_LEVEL
+
     kinds = ["prediction", "status"] + (["physio"] if args.physio else [])
     topics = [f"{settings.topic_prefix}/{session}/{kind}" for kind in kinds]
-    printer = _Printer(args.json)
+    topics.append(f"{settings.topic_prefix}/{HUBS_LEVEL}/+/status")  # hubs' Last Wills
+    printer = _Printer(args.json, prefix=settings.topic_prefix)
     outcome: dict[str, Any] = {"error": None, "done": False}
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emorecog_stream.sinks.mqtt import MqttSettings
-from emorecog_stream.web.state import KINDS
+from emorecog_stream.web.state import HUBS_LEVEL, KINDS
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ class BridgeHealth:
 
 
 def subscription_topics(prefix: str, session: str | None) -> list[str]:
-    """``<prefix>/<session or +>/<kind>`` for every kind the pages use."""
+    """``<prefix>/<session or +>/<kind>`` for every kind the pages use, and every hub's status
+    (``<prefix>/_hubs/+/status``: a hub's Last Will says its sessions are offline)."""
     level = "+" if session in (None, "", "+") else session
-    return [f"{prefix}/{level}/{kind}" for kind in KINDS]
+    return [f"{prefix}/{level}/{kind}" for kind in KINDS] + [f"{prefix}/{HUBS_LEVEL}/+/status"]
 
 
 class MqttBridge:

@@ -13,7 +13,10 @@ itself after the server or the network comes back, and it is plain HTTP.
 Endpoints: ``/`` (experimenter page), ``/feedback`` (participant's display), ``/static/<file>``
 (the shipped assets, read once at start, nothing else on disk is reachable), ``/events``
 (``?session=ID`` for one session; first a ``snapshot`` event with the current state, then every
-message, and a ``health`` event each second) and ``/api/state`` (the snapshot as JSON).
+message, and a ``health`` event each second) and ``/api/state`` (the snapshot as JSON). A hub's
+``offline`` (its Last Will) reaches the pages as a ``status`` event for each of its sessions,
+derived by :class:`~emorecog_stream.web.state.HubWatch` (``"derived_from_hub": true``), so
+the pages need no notion of hubs; the snapshot lists the hubs' statuses under ``hubs``.
 
 Safety: loopback only unless told otherwise. On any other address every request needs the
 random token, as ``?token=`` (it is then kept in a same-site, HTTP-only cookie for the page's
@@ -153,7 +156,7 @@ class WebServer:
         self.feedback = feedback or FeedbackDefaults()
         self.require_token = (not is_loopback(host)) if require_token is None else require_token
         self.token = (token or secrets.token_urlsafe(18)) if self.require_token else None
-        self.state = LiveState(history=history)
+        self.state = LiveState(history=history, prefix=settings.topic_prefix)
         self.bridge = MqttBridge(settings, self._on_mqtt, session=self.session)
         self._assets = _load_assets()
         self._clients: set[_Client] = set()
@@ -246,14 +249,14 @@ class WebServer:
 
     def _on_mqtt(self, topic: str, raw: bytes, received: float) -> None:
         try:
-            update = self.state.accept(topic, raw, received)
+            updates = self.state.receive(topic, raw, received)
         except MessageError as exc:
             if self.state.malformed == 1 or self.state.malformed % 100 == 0:
                 log.warning(
                     "web: ignoring a message (%d so far): %s", self.state.malformed, exc
                 )
             return
-        if update is not None:
+        for update in updates:  # a hub's offline: a derived status for each of its sessions
             self._broadcast(update)
 
     def _broadcast(self, update: Update) -> None:
@@ -289,6 +292,7 @@ class WebServer:
             "filter": session,
             "feedback": asdict(self.feedback),
             "sessions": self.state.snapshot(session),
+            "hubs": self.state.hub_snapshot(),
         }
 
     # ----------------------------------------------------------------- HTTP
