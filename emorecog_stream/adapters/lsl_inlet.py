@@ -382,8 +382,17 @@ class AsyncInlet:
         max_chunk: int = 1024,
         rate_window: float = 5.0,
         info: pylsl.StreamInfo | None = None,
+        pace: float = 0.0,
+        urgent: threading.Event | None = None,
+        on_chunk: Any = None,
     ) -> None:
         self.spec = spec
+        # Pacing (the hub): after delivering a chunk, wait up to ``pace`` s for more samples to
+        # gather unless ``urgent`` is set (a volume waits for this physiology): far fewer,
+        # larger chunks for the event loop, and no added latency where it counts.
+        self._pace = pace
+        self._urgent = urgent
+        self._on_chunk = on_chunk  # called in the reader thread before a chunk is handed over
         # a stream already found (the hub's one resolver, adapters/lsl_discovery.py): opened
         # directly, without a resolve of its own
         self._found = info
@@ -703,6 +712,8 @@ class AsyncInlet:
                         s.recoveries += 1
                 if recovered or self._state is not StreamState.CONNECTED:
                     self._set_state(StreamState.CONNECTED, "data flowing again")
+                if self._on_chunk is not None:
+                    self._on_chunk(chunk)
                 self._emit(chunk)
                 last_data = now
                 dejitter_fresh = False
@@ -713,6 +724,8 @@ class AsyncInlet:
                         offset = inlet.time_correction(0.0)
                         with self._lock:
                             self._stats.clock_offset = offset
+                if self._pace > 0 and self._urgent is not None and not self._urgent.is_set():
+                    self._urgent.wait(self._pace)
                 continue
             idle = now - last_data
             if not dejitter_fresh and idle > gap_reset:

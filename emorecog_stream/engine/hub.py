@@ -52,6 +52,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,25 +187,59 @@ def hub_status_payload(hub_id: str, state: str, reason: str, sessions: list[str]
     }
 
 
+#: Seconds a hub's physiology inlet lets samples gather between chunks while no volume waits.
+PHYSIO_PACE_S = 0.1
+
+
 class SessionInlets:
     """One session's inlets feeding one queue; streams are added as the directory finds them.
 
     Quacks like :class:`~emorecog_stream.adapters.lsl_inlet.InletGroup` where the runner's
     chunk loop needs it (``inlets``, async iteration).
+
+    Why paced physiology: devices deliver PPG and respiration in small chunks (20 ms is
+    common), so 64 sessions would hand the event loop ~6,400 chunks a second, each with its
+    fixed cost. The physiology inlets instead let samples gather for up to
+    :data:`PHYSIO_PACE_S` between chunks, except while a volume waits for them: the fMRI
+    reader sets ``urgent`` the moment a volume arrives, and the chunk loop clears it once no
+    volume waits (:meth:`settled`), so the samples a step needs still arrive at once.
     """
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.inlets: dict[Role, Any] = {}
+        self.urgent = threading.Event()
+        self._volumes_in = 0  # fMRI chunks handed over by the reader thread
+        self._volumes_done = 0  # ... and processed by the engine
         self._closed = False
 
     def add(self, spec: Any, sighting: Any) -> Any:
         from emorecog_stream.adapters.lsl_inlet import AsyncInlet
+        from emorecog_stream.engine.state import ROLE_RATES
 
-        inlet = AsyncInlet(spec, self.queue, info=sighting.info)
+        options: dict[str, Any] = {}
+        if spec.role is Role.FMRI:
+            options["on_chunk"] = self._volume_arrived
+        elif spec.role in ROLE_RATES:
+            options.update(pace=PHYSIO_PACE_S, urgent=self.urgent)
+        # a longer idle wake-up than a lone run's 50 ms: a pull returns the moment data comes,
+        # and hundreds of reader threads each waking 20 times a second for nothing add up
+        inlet = AsyncInlet(spec, self.queue, info=sighting.info, pull_timeout=0.25, **options)
         inlet.start()
         self.inlets[spec.role] = inlet
         return inlet
+
+    def _volume_arrived(self, _chunk: Any) -> None:  # the fMRI reader thread
+        self._volumes_in += 1
+        self.urgent.set()
+
+    def settled(self, item: Any, engine: Any) -> None:
+        """After the engine took ``item``: stop hurrying the physiology once no volume
+        waits for it (none queued, none pending in the aligner)."""
+        if getattr(item, "role", None) is Role.FMRI:
+            self._volumes_done += 1
+        if self._volumes_done >= self._volumes_in and engine.aligner.pending == 0:
+            self.urgent.clear()
 
     async def close(self) -> None:
         if self._closed:
@@ -368,7 +403,7 @@ class Hub:
         generation = -1
         while not self._stop.is_set():
             self._reconcile()
-            waiter = asyncio.ensure_future(self.directory.wait_change(generation, 1.0))
+            waiter = asyncio.ensure_future(self.directory.wait_change(generation, 2.0))
             stopper = asyncio.ensure_future(self._stop.wait())
             done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (waiter, stopper):
@@ -597,7 +632,8 @@ class Hub:
         if self.on_engine is not None:
             self.on_engine(sid, engine)
         try:
-            counters = await engine.run(_chunks(served.inlets, engine))
+            chunks = _paced(served.inlets, _chunks(served.inlets, engine), engine)
+            counters = await engine.run(chunks)
         finally:
             if log_ is not None:
                 log_.close()
@@ -653,6 +689,14 @@ class Hub:
         if text not in self._said:
             self._said.add(text)
             self._say(text)
+
+
+async def _paced(inlets: SessionInlets, chunks: Any, engine: Any) -> Any:
+    """The session's chunks; after the engine took each one, tell the inlets whether a volume
+    still waits for physiology."""
+    async for item in chunks:
+        yield item
+        inlets.settled(item, engine)  # resumed: the engine has processed ``item``
 
 
 def _matches(spec: Any, sighting: Any) -> bool:
