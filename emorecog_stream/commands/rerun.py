@@ -4,7 +4,9 @@ the live pipeline at full speed.
 What a live ``run`` would have published for each recorded session, without LSL and without
 the wall clock (:mod:`emorecog_stream.engine.rerun`): one JSONL log per session in ``--out``
 (``<session id>.jsonl``, the participant id, ``-2``... when it repeats) and, with ``--mqtt``,
-the same messages on the broker.
+the same messages on the broker. The sessions are shared out over ``--jobs`` worker processes;
+each worker re-runs its share together, their model steps batched (the same predictions as
+re-running each alone).
 """
 
 from __future__ import annotations
@@ -125,5 +127,12 @@ def main(args: argparse.Namespace) -> int:
         volumes += r.volumes
         seconds += r.seconds
     rate = volumes / seconds if seconds > 0 else float("inf")
-    print(f"re-ran {len(results)} session(s), {volumes} volumes ({rate:.0f} TR/s per worker)")
+    batches = {r.batch.group: r.batch for r in results if r.batch is not None}
+    passes = sum(b.passes for b in batches.values())
+    steps = sum(b.steps for b in batches.values())
+    batched = f", {steps / passes:.1f} sessions per model pass" if passes else ""
+    print(
+        f"re-ran {len(results)} session(s), {volumes} volumes"
+        f" ({rate:.0f} TR/s per worker, {len(batches) or 1} worker(s){batched})"
+    )
     return 0
