@@ -30,6 +30,7 @@ every session still running.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import re
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -389,30 +391,34 @@ def one_blas_thread() -> Iterator[None]:
     OpenBLAS to split each product over threads. At this size the hand-off costs more than it
     saves, and beside other busy processes (the other workers, a broker) its threads spin
     for a core: measured, 16 sessions batched took twice the CPU of 16 stepped alone, and a
-    third less with one thread. Uses threadpoolctl where installed, else OpenBLAS's own call
-    (found among the loaded libraries, Linux); neither: nothing changes.
+    third less with one thread. Uses OpenBLAS's own call (found among the loaded libraries,
+    Linux; microseconds once found), else threadpoolctl where installed (a few ms a call);
+    neither: nothing changes.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        calls = _openblas_thread_calls()
-        if calls is None:
-            yield
-            return
-        get, put = calls
-        before = int(get())
-        put(1)
+    calls = _openblas_thread_calls()
+    if calls:
+        before = [int(get()) for get, _ in calls]
+        for _, put in calls:
+            put(1)
         try:
             yield
         finally:
-            put(before)
+            for (_, put), n in zip(calls, before, strict=True):
+                put(n)
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
 
-def _openblas_thread_calls() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """OpenBLAS's get/set number of threads, from the library NumPy loaded (None: not found)."""
+@functools.cache
+def _openblas_thread_calls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
+    """Get/set the number of threads of every OpenBLAS loaded in this process (NumPy's, SciPy's
+    own copy, ...); looked up once, empty where none is found (not Linux, another BLAS)."""
     import ctypes
 
     try:
@@ -425,21 +431,22 @@ def _openblas_thread_calls() -> tuple[Callable[[], int], Callable[[int], None]] 
                 }
             )
     except OSError:
-        return None
+        return ()
+    calls = []
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype = ctypes.c_int
-                    put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
+        for prefix, suffix in product(("scipy_openblas", "openblas"), ("64_", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype = ctypes.c_int
+                put.argtypes = [ctypes.c_int]
+                calls.append((get, put))
+                break
+    return tuple(calls)
 
 
 async def rerun_group(
