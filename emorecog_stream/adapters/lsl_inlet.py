@@ -51,6 +51,7 @@ from pylsl.lib import lib as _liblsl
 from pylsl.util import LostError as _LostError
 from pylsl.util import TimeoutError as _TimeoutError
 
+from emorecog_stream.adapters.lsl_clock import local_clock
 from emorecog_stream.adapters.lsl_info import (
     StreamMetadata,
     build_predicate,
@@ -471,7 +472,7 @@ class AsyncInlet:
         return await asyncio.wait_for(asyncio.shield(self._connected), timeout)
 
     def status(self) -> StreamStatus:
-        now = pylsl.local_clock()
+        now = local_clock()
         with self._lock:
             s = self._stats
             info = self._info
@@ -543,7 +544,7 @@ class AsyncInlet:
             self._state = state
             self._reason = reason
         if previous is not state:
-            self._emit(StreamEvent(self.spec.role, state, previous, reason, pylsl.local_clock()))
+            self._emit(StreamEvent(self.spec.role, state, previous, reason, local_clock()))
 
     def _resolve_future(self, result: StreamMetadata | BaseException) -> None:
         fut, loop = self._connected, self._loop
@@ -564,7 +565,7 @@ class AsyncInlet:
     def _connect(self) -> pylsl.StreamInlet | None:
         """Resolve + check + open (blocking, in the reader thread). None when stopped."""
         deadline = self._open_deadline
-        started = pylsl.local_clock()
+        started = local_clock()
         if self._found is not None:
             found, self._found = self._found, None
             try:
@@ -577,7 +578,7 @@ class AsyncInlet:
                 return None
         while not self._stop.is_set():
             try:
-                remaining = None if deadline is None else deadline - (pylsl.local_clock() - started)
+                remaining = None if deadline is None else deadline - (local_clock() - started)
                 if remaining is not None and remaining <= 0:
                     raise not_found(self.spec, deadline)  # type: ignore[arg-type]
                 # >= 1 s per attempt: liblsl re-sends queries every ~0.5 s, and concurrent
@@ -664,7 +665,7 @@ class AsyncInlet:
         srate = info.nominal_srate()
         gap_reset = max(0.25, 20.0 / srate) if srate > 0 else math.inf
         dejitter_fresh = True  # no sample pulled since the dejitter state was (re)started
-        last_data = pylsl.local_clock()
+        last_data = local_clock()
         resolver: pylsl.ContinuousResolver | None = None
         resolver_since = 0.0
         next_offset_query = last_data + 2.0
@@ -691,9 +692,9 @@ class AsyncInlet:
                     return
                 self._inlet = inlet = new
                 is_string, buf = self._buffer_for(inlet)
-                last_data = pylsl.local_clock()
+                last_data = local_clock()
                 continue
-            now = pylsl.local_clock()
+            now = local_clock()
             if len(ts):
                 timestamps = np.asarray(ts, dtype=np.float64)
                 chunk = Chunk(self.spec.role, data, timestamps, now)

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: ``run --sessions auto``
 AUTO = "auto"
+#: Seconds a new session waits for its physiology streams to become visible before it starts
+#: without them (they join when they appear).
+PHYSIO_GRACE_S = 2.0
 #: Reserved topic level for hubs' own statuses: ``<prefix>/_hubs/<hub id>/status``.
 HUBS_LEVEL = "_hubs"
 
@@ -320,6 +323,7 @@ class Hub:
         # (a new stream, e.g. the bridge restarted for the next run, starts it again)
         self._ended: dict[str, str] = {}
         self._assigned: dict[tuple[str, str], str] = {}
+        self._first_seen: dict[str, float] = {}  # session id -> when its fMRI stream appeared
         self._said: set[str] = set()
         self._snapshots: dict[str, Any] = {}
         self._stop = asyncio.Event()
@@ -403,7 +407,8 @@ class Hub:
         generation = -1
         while not self._stop.is_set():
             self._reconcile()
-            waiter = asyncio.ensure_future(self.directory.wait_change(generation, 2.0))
+            pause = 0.5 if self._first_seen else 2.0  # sooner while a session waits to start
+            waiter = asyncio.ensure_future(self.directory.wait_change(generation, pause))
             stopper = asyncio.ensure_future(self._stop.wait())
             done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (waiter, stopper):
@@ -425,8 +430,17 @@ class Hub:
             served = self._served.get(sid)
             fmri = streams.get(Role.FMRI)
             if served is None:
-                if fmri is not None and self._ended.get(sid) != fmri.uid:
-                    self._start(sid, config, streams)
+                if fmri is None or self._ended.get(sid) == fmri.uid:
+                    self._first_seen.pop(sid, None)
+                    continue
+                # the resolver reports a host's streams over a moment: give the physiology
+                # that much to show up, so the first steps wait for it as a lone run's do
+                seen = self._first_seen.setdefault(sid, now)
+                physio = [r for r in config.streams.enabled_roles() if r in (Role.PPG, Role.RESP)]
+                if now - seen < PHYSIO_GRACE_S and not all(r in streams for r in physio):
+                    continue
+                self._first_seen.pop(sid, None)
+                self._start(sid, config, streams)
                 continue
             served.absent_since = None if fmri is not None else (served.absent_since or now)
             for role, sighting in streams.items():
