@@ -651,7 +651,8 @@ class Hub:
         finally:
             if log_ is not None:
                 log_.close()
-        self._say(f"[{sid}] " + _summary(engine, channel, log_))
+        # the MQTT counters are the hub's one connection's, not this session's own
+        self._say(f"[{sid}] " + _summary(engine, channel, log_).replace("MQTT", "hub MQTT", 1))
         return counters
 
     def _collect_finished(self) -> None:
