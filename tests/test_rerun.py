@@ -74,7 +74,9 @@ def assert_same_predictions(live: list[dict], rerun: list[dict], live_stamp) -> 
             if b[rate] is None:
                 assert a[rate] is None, (rate, a["sequence"])
             else:
-                assert a[rate] == pytest.approx(b[rate], abs=1e-3), (rate, a["sequence"])
+                # a beat's timestamp moved by 10-15 us (clock correction jitter under load, x10
+                # at speed 10) moves a ~65 bpm rate by ~1e-3 bpm: seen 1.04e-3 in a loaded run
+                assert a[rate] == pytest.approx(b[rate], abs=5e-3), (rate, a["sequence"])
         assert a["volume_timestamp"] == pytest.approx(live_stamp(b["volume_timestamp"]), abs=1e-3)
         assert b["latency_ms"] == 0.0  # the re-run's clock does not move while it works
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import math
 import threading
 from collections import deque
@@ -63,6 +64,7 @@ from emorecog_stream.adapters.lsl_info import (
 )
 from emorecog_stream.core.streams import MOTION_CHANNELS, N_ROIS, Role
 
+log = logging.getLogger(__name__)
 
 class LslAdapterError(Exception):
     """Base of the errors an inlet raises (each message names what was expected and found)."""
@@ -385,6 +387,7 @@ class AsyncInlet:
         info: pylsl.StreamInfo | None = None,
         pace: float = 0.0,
         urgent: threading.Event | None = None,
+        behind: Any = None,
         on_chunk: Any = None,
     ) -> None:
         self.spec = spec
@@ -393,6 +396,9 @@ class AsyncInlet:
         # larger chunks for the event loop, and no added latency where it counts.
         self._pace = pace
         self._urgent = urgent
+        # ``behind(now)``: the consumer is more than a moment behind (a volume waited long);
+        # hurrying then would only feed it more, smaller chunks, so the pace is kept
+        self._behind = behind
         self._on_chunk = on_chunk  # called in the reader thread before a chunk is handed over
         # a stream already found (the hub's one resolver, adapters/lsl_discovery.py): opened
         # directly, without a resolve of its own
@@ -714,7 +720,10 @@ class AsyncInlet:
                 if recovered or self._state is not StreamState.CONNECTED:
                     self._set_state(StreamState.CONNECTED, "data flowing again")
                 if self._on_chunk is not None:
-                    self._on_chunk(chunk)
+                    try:
+                        self._on_chunk(chunk)
+                    except Exception:  # a hook's bug must not end the reader
+                        log.exception("inlet %s: on_chunk hook failed", self.spec.describe())
                 self._emit(chunk)
                 last_data = now
                 dejitter_fresh = False
@@ -725,8 +734,11 @@ class AsyncInlet:
                         offset = inlet.time_correction(0.0)
                         with self._lock:
                             self._stats.clock_offset = offset
-                if self._pace > 0 and self._urgent is not None and not self._urgent.is_set():
-                    self._urgent.wait(self._pace)
+                if self._pace > 0 and self._urgent is not None:
+                    if not self._urgent.is_set():
+                        self._urgent.wait(self._pace)
+                    elif self._behind is not None and self._behind(now):
+                        self._stop.wait(self._pace)
                 continue
             idle = now - last_data
             if not dejitter_fresh and idle > gap_reset:

@@ -54,6 +54,7 @@ import socket
 import sys
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,8 @@ def hub_status_payload(hub_id: str, state: str, reason: str, sessions: list[str]
 
 #: Seconds a hub's physiology inlet lets samples gather between chunks while no volume waits.
 PHYSIO_PACE_S = 0.1
+#: Seconds (of session time) a volume may wait to be processed before the hub counts as behind.
+BEHIND_S = 1.0
 
 
 class SessionInlets:
@@ -208,12 +211,12 @@ class SessionInlets:
     volume waits (:meth:`settled`), so the samples a step needs still arrive at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, time_scale: float = 1.0) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.inlets: dict[Role, Any] = {}
         self.urgent = threading.Event()
-        self._volumes_in = 0  # fMRI chunks handed over by the reader thread
-        self._volumes_done = 0  # ... and processed by the engine
+        self.time_scale = time_scale  # a replay sped up: pacing in session seconds
+        self._arrivals: deque[float] = deque()  # receipt times of volumes not yet processed
         self._closed = False
 
     def add(self, spec: Any, sighting: Any) -> Any:
@@ -224,7 +227,9 @@ class SessionInlets:
         if spec.role is Role.FMRI:
             options["on_chunk"] = self._volume_arrived
         elif spec.role in ROLE_RATES:
-            options.update(pace=PHYSIO_PACE_S, urgent=self.urgent)
+            options.update(
+                pace=PHYSIO_PACE_S / self.time_scale, urgent=self.urgent, behind=self.behind
+            )
         # a longer idle wake-up than a lone run's 50 ms: a pull returns the moment data comes,
         # and hundreds of reader threads each waking 20 times a second for nothing add up
         inlet = AsyncInlet(spec, self.queue, info=sighting.info, pull_timeout=0.25, **options)
@@ -232,16 +237,22 @@ class SessionInlets:
         self.inlets[spec.role] = inlet
         return inlet
 
-    def _volume_arrived(self, _chunk: Any) -> None:  # the fMRI reader thread
-        self._volumes_in += 1
+    def _volume_arrived(self, chunk: Any) -> None:  # the fMRI reader thread
+        self._arrivals.append(chunk.receipt_time)
         self.urgent.set()
+
+    def behind(self, now: float) -> bool:
+        """A volume has waited more than :data:`BEHIND_S` (session seconds) to be processed:
+        the loop is behind, and hurrying the physiology would only make it more so."""
+        arrivals = self._arrivals
+        return bool(arrivals) and (now - arrivals[0]) * self.time_scale > BEHIND_S
 
     def settled(self, item: Any, engine: Any) -> None:
         """After the engine took ``item``: stop hurrying the physiology once no volume
         waits for it (none queued, none pending in the aligner)."""
-        if getattr(item, "role", None) is Role.FMRI:
-            self._volumes_done += 1
-        if self._volumes_done >= self._volumes_in and engine.aligner.pending == 0:
+        if getattr(item, "role", None) is Role.FMRI and self._arrivals:
+            self._arrivals.popleft()
+        if not self._arrivals and engine.aligner.pending == 0:
             self.urgent.clear()
 
     async def close(self) -> None:
@@ -349,6 +360,7 @@ class Hub:
         """Serve until :meth:`stop`; returns how each session ended (in the order they did)."""
         from emorecog_stream.adapters.lsl_discovery import StreamDirectory
         from emorecog_stream.engine.batch import StepBatch
+        from emorecog_stream.engine.rerun import one_blas_thread
         from emorecog_stream.engine.runner import RunError, load_model_for, mqtt_settings_for
         from emorecog_stream.sinks.broker import BrokerStartError, EmbeddedBroker
         from emorecog_stream.sinks.mqtt import MqttPublisher
@@ -389,6 +401,9 @@ class Hub:
             if not self.auto:
                 self._read_sessions_file(first=True)
             snapshots = asyncio.ensure_future(self._refresh_snapshots())
+            # batched steps are small matrices: OpenBLAS's threads would cost more than they
+            # save and spin beside the readers (engine/rerun.py measured it)
+            stack.enter_context(one_blas_thread())
             try:
                 await self._serve()
             finally:
@@ -552,7 +567,8 @@ class Hub:
             self.results.append(HubResult(sid, error=str(exc)))
             self._say(f"[{sid}] {exc}")
             return
-        served = _Served(sid, config, specs, SessionInlets(), fmri_uid=streams[Role.FMRI].uid)
+        inlets = SessionInlets(self.time_scale)
+        served = _Served(sid, config, specs, inlets, fmri_uid=streams[Role.FMRI].uid)
         for role, sighting in streams.items():
             if role in specs:
                 served.inlets.add(specs[role], sighting)
