@@ -128,8 +128,11 @@ def proc_figures(pid: int) -> dict[str, float] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    rss_kb = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    rss = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+    threads_line = re.search(r"^Threads:\s+(\d+)", status, re.M)
+    if rss is None or threads_line is None:
+        return None  # exited between poll() and this read: a zombie has no memory figures
+    rss_kb, threads = int(rss.group(1)), int(threads_line.group(1))
     fields = stat.rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return {"rss_mb": rss_kb / 1024.0, "fds": fds, "threads": threads, "cpu_s": cpu}

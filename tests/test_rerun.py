@@ -63,13 +63,14 @@ def assert_same_predictions(live: list[dict], rerun: list[dict], live_stamp) -> 
         for key in EXACT:
             assert a[key] == b[key], (key, a["sequence"], a[key], b[key])
         # LSL's clock correction moves live timestamps by microseconds (x10 at speed 10); the
-        # heart rate moves by ~1e-4 bpm and the outputs by ~1e-5 (see tests/test_e2e.py)
+        # heart rate moves by ~1e-4..1e-3 bpm and the outputs by ~1e-5..3e-5 (a CI run under
+        # load: 3.2e-5; see tests/test_e2e.py), so 1e-4 (still far below any visible change)
         for label in ("negative", "neutral", "positive"):
-            assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=3e-5)
+            assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=1e-4)
         # intensity spans -4..+4, eight times the probabilities' range: the same relative
-        # tolerance as theirs (3e-5); a heart-rate sample that LSL's clock correction moves
-        # across a window edge shows up here first
-        assert a["intensity"] == pytest.approx(b["intensity"], abs=2.5e-4)
+        # tolerance as theirs; a heart-rate sample that LSL's clock correction moves across a
+        # window edge shows up here first
+        assert a["intensity"] == pytest.approx(b["intensity"], abs=8e-4)
         for rate in ("heart_rate", "respiration_rate"):
             if b[rate] is None:
                 assert a[rate] is None, (rate, a["sequence"])
