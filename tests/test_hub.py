@@ -35,6 +35,14 @@ def model():
     return load_model()
 
 
+def hub_config(url: str):
+    """The hub's config for a sped-up replay: the aligner's deadline at 6 s of session time
+    (0.6 s of real time at speed 10) instead of 2 s, so that a busy CI machine's pause of a few
+    hundred ms is not taken for missing physiology. It changes nothing else: a step goes out
+    the moment its physiology is there, and the re-runs compared with never reach a deadline."""
+    return apply_overrides(load_config(None), {"mqtt.url": url, "aligner.deadline": 6.0})
+
+
 def serve(base, sessions, group, model, log_dir, *, expect, ready=None, during=None, **kw):
     """Run a hub on ``sessions`` while ``group`` replays; returns (results, hub).
 
@@ -115,7 +123,7 @@ def test_hub_serves_eight_sessions_each_as_a_single_run_would(
     group = ReplayGroup(recordings, ids, tag=f"t{run}", speed=SPEED / 2)
     sessions = [HubSession(sid, m.tag) for sid, m in zip(ids, group.members, strict=True)]
     missing = HubSession(f"hub{run}-missing", f"t{run}-nobody")  # no such streams
-    base = apply_overrides(load_config(None), {"mqtt.url": mosquitto_broker.url})
+    base = hub_config(mosquitto_broker.url)
     sub = mqtt_collector(
         mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids] + ["emorecog/_hubs/#"]
     )
@@ -163,7 +171,7 @@ def test_sessions_added_and_removed_while_others_run(
         tmp.replace(listing)  # atomic, as an editor saves
 
     write([stays, removed])
-    base = apply_overrides(load_config(None), {"mqtt.url": mosquitto_broker.url})
+    base = hub_config(mosquitto_broker.url)
     sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
 
     def during(loop, hub) -> None:
@@ -315,7 +323,7 @@ def test_bad_input_and_a_dying_stream_leave_the_others_alone(
     wrong_outlet = pylsl.StreamOutlet(
         pylsl.StreamInfo(name, type_, 100, 1.0, pylsl.cf_float32, source_id)
     )
-    base = apply_overrides(load_config(None), {"mqtt.url": mosquitto_broker.url})
+    base = hub_config(mosquitto_broker.url)
     sub = mqtt_collector(mosquitto_broker, [f"emorecog/{sid}/#" for sid in ids])
     dying = group.members[3]
 
@@ -360,7 +368,7 @@ def test_auto_serves_every_fmri_stream_it_finds(
     run = uuid.uuid4().hex[:6]
     group = ReplayGroup(recordings, ["a", "b", "c"], tag=f"x{run}", speed=SPEED)
     tags = [m.tag for m in group.members]  # x<run>-a, ...: the session ids auto gives
-    base = apply_overrides(load_config(None), {"mqtt.url": mosquitto_broker.url})
+    base = hub_config(mosquitto_broker.url)
     sub = mqtt_collector(mosquitto_broker, [f"emorecog/{tag}/#" for tag in tags])
     by_id, _hub = serve(base, "auto", group, model, tmp_path, expect=3, include=f"*-x{run}-*")
     assert sorted(by_id) == sorted(tags)
