@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from emorecog_stream.core.streams import Role
@@ -102,3 +103,40 @@ def test_a_rate_is_missing_only_when_every_stream_feeding_it_stalled() -> None:
     ppg_down_too = st.status(4.0, tr=1.0)
     assert ppg_down_too.missing == ("heart_rate",)
     assert "heart rate missing" in ppg_down_too.reason
+
+
+def test_arrived_says_when_the_status_can_change() -> None:
+    """The engine recomputes the status only when an arrival can change it: the role's first
+    sample, a return from absence, a silence that counted as a stall. A stream that keeps
+    delivering cannot (changes that come with time alone are the engine timer's)."""
+    st = StatusTracker([Role.PPG], stall_timeout=2.0, fmri_stall_trs=2.5, started_at=0.0)
+    assert st.arrived(Role.FMRI, 1.0, tr=1.0)  # first volume: starting -> online
+    assert not st.arrived(Role.FMRI, 2.0, tr=1.0)
+    assert st.arrived(Role.FMRI, 5.0, tr=1.0)  # 3 s > 2.5 TRs: it was paused
+    assert st.arrived(Role.FMRI, 5.5)  # TR not known yet: any silence may have mattered
+    assert st.arrived(Role.PPG, 5.5)  # first PPG sample
+    assert not st.arrived(Role.PPG, 7.0)
+    assert st.arrived(Role.PPG, 9.5)  # 2.5 s > the 2 s stall timeout
+    st.mark_absent(Role.PPG, "PPG stream lost")
+    assert st.arrived(Role.PPG, 9.6)  # back from absence
+    assert not st.arrived(Role.PPG, 9.7)
+
+
+def test_an_arrival_said_not_to_matter_leaves_the_status_as_it_was() -> None:
+    """Random arrivals of three streams: whenever ``arrived`` says False, the status right
+    after it equals the status right before it (so skipping the recomputation is exact)."""
+    rng = np.random.default_rng(7)
+    roles = [Role.FMRI, Role.PPG, Role.RESP]
+    st = StatusTracker([Role.PPG, Role.RESP], stall_timeout=2.0, fmri_stall_trs=2.5,
+                       started_at=0.0)  # fmt: skip
+    now, skipped = 0.0, 0
+    for _ in range(3000):
+        now += float(rng.exponential(0.4))
+        role = roles[int(rng.integers(3))]
+        if rng.random() < 0.01:
+            st.mark_absent(role, "gone")
+        before = st.status(now, tr=1.0)
+        if not st.arrived(role, now, tr=1.0):
+            skipped += 1
+            assert st.status(now, tr=1.0) == before
+    assert skipped > 1000  # the usual case: most arrivals need no recomputation

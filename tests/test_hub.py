@@ -438,3 +438,73 @@ def test_the_hubs_last_will_says_its_sessions_are_offline(
             last[m.topic.split("/")[1]] = m.json()
     assert set(last) == set(tags)
     assert all(s["details"]["hub"] == hub_id and s["state"] != "offline" for s in last.values())
+
+
+def test_a_volume_sets_what_the_physiology_must_reach_and_wakes_its_readers() -> None:
+    """The fMRI reader's hook (its thread) notes the newest volume's timestamp and wakes every
+    physiology reader of the session, each through its own event (one may be covered while
+    the other is not)."""
+    from emorecog_stream.adapters.lsl_inlet import Chunk
+    from emorecog_stream.engine.hub import SessionInlets
+
+    inlets = SessionInlets()
+    wakes = [threading.Event(), threading.Event()]
+    inlets._wakes.extend(wakes)
+    assert inlets.needed() == float("-inf")
+    volume = Chunk(Role.FMRI, [[0.0] * 246], [12.5], 12.6)
+    inlets._volume_arrived(volume)
+    assert inlets.needed() == 12.5 and all(w.is_set() for w in wakes)
+    wakes[0].clear()
+    inlets._volume_arrived(Chunk(Role.FMRI, [[0.0] * 246], [11.0], 12.7))  # an older one
+    assert inlets.needed() == 12.5 and wakes[0].is_set()
+
+
+def test_freezing_long_lived_objects_keeps_them_from_full_collections() -> None:
+    """engine/gc_pause.py: what lives at set-up is moved out of the collector's sight (a full
+    collection then walks only what came since), and later garbage cycles are still freed."""
+    import gc
+    import weakref
+
+    from emorecog_stream.engine.gc_pause import freeze_long_lived
+
+    try:
+        freeze_long_lived()
+        assert gc.get_freeze_count() > 1000
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made after the freeze
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_memory_frozen_with_a_session_is_freed_when_it_ends() -> None:
+    """A cycle frozen while its session ran (engine, buffers) is freed by collect_released,
+    which the hub calls when sessions end: a hub serving for weeks keeps no ended session."""
+    import gc
+    import weakref
+
+    from emorecog_stream.engine.gc_pause import collect_released, freeze_long_lived
+
+    class Engineish:
+        pass
+
+    try:
+        a, b = Engineish(), Engineish()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        freeze_long_lived()  # the session started: its objects frozen
+        del a, b  # the session ended
+        gc.collect()
+        assert gone() is not None  # frozen: a full collection does not see it
+        collect_released()
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000  # and the rest is frozen again
+    finally:
+        gc.unfreeze()

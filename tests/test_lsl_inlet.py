@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pylsl
@@ -387,3 +388,29 @@ def test_two_matching_streams_are_ambiguous(lsl_tag, outlet_factory):
     # one selector more makes it unique
     info = resolve_one(InletSpec(Role.PPG, name=f"PPG-{lsl_tag}", source_id=f"b-{lsl_tag}"), 5.0)
     assert info.source_id() == f"b-{lsl_tag}"
+
+
+def test_paced_reader_hurries_only_until_the_waiting_volume_is_covered():
+    """The hub's paced physiology: with a volume waiting (``urgent`` set, ``needed()`` its
+    timestamp) the reader goes straight back to pulling until it has delivered a sample at or
+    after that timestamp; then it clears ``urgent`` itself and lets samples gather for up to
+    ``pace`` s - however far behind the event loop may be."""
+    urgent = threading.Event()
+    needed = [100.0]
+    inlet = AsyncInlet(
+        InletSpec.for_role(Role.PPG, "pace"), pace=0.3, urgent=urgent, needed=lambda: needed[0]
+    )
+    urgent.set()
+    t0 = time.monotonic()
+    inlet._gather(99.9)  # the volume at 100.0 is not covered yet: no waiting
+    assert urgent.is_set() and time.monotonic() - t0 < 0.1
+    t0 = time.monotonic()
+    inlet._gather(100.0)  # covered: stop hurrying, gather for the pace
+    assert not urgent.is_set() and time.monotonic() - t0 >= 0.25
+    # a new volume wakes a gathering reader at once
+    waker = threading.Timer(0.05, lambda: (needed.__setitem__(0, 101.0), urgent.set()))
+    t0 = time.monotonic()
+    waker.start()
+    inlet._gather(100.5)
+    waker.join()
+    assert urgent.is_set() and time.monotonic() - t0 < 0.25

@@ -41,7 +41,7 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -387,18 +387,18 @@ class AsyncInlet:
         info: pylsl.StreamInfo | None = None,
         pace: float = 0.0,
         urgent: threading.Event | None = None,
-        behind: Any = None,
+        needed: Callable[[], float] | None = None,
         on_chunk: Any = None,
     ) -> None:
         self.spec = spec
         # Pacing (the hub): after delivering a chunk, wait up to ``pace`` s for more samples to
         # gather unless ``urgent`` is set (a volume waits for this physiology): far fewer,
-        # larger chunks for the event loop, and no added latency where it counts.
+        # larger chunks for the event loop, and no added latency where it counts. With
+        # ``needed()`` (an LSL timestamp), the reader clears ``urgent`` itself once it has
+        # delivered a sample at or after it: the waiting volume then has what it needs.
         self._pace = pace
         self._urgent = urgent
-        # ``behind(now)``: the consumer is more than a moment behind (a volume waited long);
-        # hurrying then would only feed it more, smaller chunks, so the pace is kept
-        self._behind = behind
+        self._needed = needed
         self._on_chunk = on_chunk  # called in the reader thread before a chunk is handed over
         # a stream already found (the hub's one resolver, adapters/lsl_discovery.py): opened
         # directly, without a resolve of its own
@@ -505,6 +505,8 @@ class AsyncInlet:
     async def close(self) -> None:
         """Stop the reader thread, join it and drop the inlet (idempotent)."""
         self._stop.set()
+        if self._urgent is not None:
+            self._urgent.set()  # a paced reader waits on it: wake it to see the stop
         thread = self._thread
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join)
@@ -735,10 +737,7 @@ class AsyncInlet:
                         with self._lock:
                             self._stats.clock_offset = offset
                 if self._pace > 0 and self._urgent is not None:
-                    if not self._urgent.is_set():
-                        self._urgent.wait(self._pace)
-                    elif self._behind is not None and self._behind(now):
-                        self._stop.wait(self._pace)
+                    self._gather(float(timestamps[-1]))
                 continue
             idle = now - last_data
             if not dejitter_fresh and idle > gap_reset:
@@ -779,6 +778,18 @@ class AsyncInlet:
                     self._set_state(
                         StreamState.STALLED, f"visible again, no sample for {idle:.1f} s"
                     )
+
+    def _gather(self, last: float) -> None:
+        """Paced reading: let samples gather for up to ``pace`` s unless a volume waits for
+        samples this stream has not delivered yet (``last``: its newest timestamp)."""
+        urgent, needed = self._urgent, self._needed
+        assert urgent is not None
+        if needed is not None and urgent.is_set() and last >= needed():
+            urgent.clear()
+            if last < needed():  # a volume came between the check and the clear
+                urgent.set()
+        if not urgent.is_set():
+            urgent.wait(self._pace)
 
     def _pull(
         self, inlet: pylsl.StreamInlet, is_string: bool, buf: np.ndarray | None, timeout: float

@@ -83,6 +83,8 @@ def _start_view(config: Any, hub: Any) -> Any:
 
         return stop_dashboard
 
+    hub.snapshot_period = LOG_LINE_PERIOD_S / 2  # nobody looks between two lines
+
     async def lines() -> None:
         while True:
             await asyncio.sleep(LOG_LINE_PERIOD_S)

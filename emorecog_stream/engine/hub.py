@@ -49,12 +49,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
 import threading
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +192,7 @@ def hub_status_payload(hub_id: str, state: str, reason: str, sessions: list[str]
 
 
 #: Seconds a hub's physiology inlet lets samples gather between chunks while no volume waits.
-PHYSIO_PACE_S = 0.1
-#: Seconds (of session time) a volume may wait to be processed before the hub counts as behind.
-BEHIND_S = 1.0
+PHYSIO_PACE_S = 0.5
 
 
 class SessionInlets:
@@ -207,53 +205,51 @@ class SessionInlets:
     common), so 64 sessions would hand the event loop ~6,400 chunks a second, each with its
     fixed cost. The physiology inlets instead let samples gather for up to
     :data:`PHYSIO_PACE_S` between chunks, except while a volume waits for them: the fMRI
-    reader sets ``urgent`` the moment a volume arrives, and the chunk loop clears it once no
-    volume waits (:meth:`settled`), so the samples a step needs still arrive at once.
+    reader notes the newest volume's timestamp (:attr:`need_until`) and wakes them the moment
+    it arrives, and each physiology reader hurries only until it has delivered a sample at or
+    after that timestamp - all a step needs of it (the aligner's rule). The reader decides
+    from the timestamps alone, not from how far the event loop has got: a loop that falls
+    behind does not keep the physiology hurrying, which would feed it more, smaller chunks
+    and keep it behind (the first version did: at 64 sessions a moment's stall became minutes).
     """
 
     def __init__(self, time_scale: float = 1.0) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.inlets: dict[Role, Any] = {}
-        self.urgent = threading.Event()
         self.time_scale = time_scale  # a replay sped up: pacing in session seconds
-        self._arrivals: deque[float] = deque()  # receipt times of volumes not yet processed
+        #: LSL timestamp of the newest volume received (-inf: none yet)
+        self.need_until = -math.inf
+        self._wakes: list[threading.Event] = []  # one per physiology reader
         self._closed = False
 
     def add(self, spec: Any, sighting: Any) -> Any:
         from emorecog_stream.adapters.lsl_inlet import AsyncInlet
         from emorecog_stream.engine.state import ROLE_RATES
 
-        options: dict[str, Any] = {}
+        # an idle wake-up far longer than a lone run's 50 ms: a pull returns the moment data
+        # comes, and hundreds of reader threads each waking 20 times a second for nothing
+        # add up (each wake-up takes the GIL from the event loop)
+        options: dict[str, Any] = {"pull_timeout": 0.25}
         if spec.role is Role.FMRI:
-            options["on_chunk"] = self._volume_arrived
+            options.update(on_chunk=self._volume_arrived, pull_timeout=1.0)
         elif spec.role in ROLE_RATES:
-            options.update(
-                pace=PHYSIO_PACE_S / self.time_scale, urgent=self.urgent, behind=self.behind
-            )
-        # a longer idle wake-up than a lone run's 50 ms: a pull returns the moment data comes,
-        # and hundreds of reader threads each waking 20 times a second for nothing add up
-        inlet = AsyncInlet(spec, self.queue, info=sighting.info, pull_timeout=0.25, **options)
+            wake = threading.Event()
+            self._wakes.append(wake)
+            options.update(pace=PHYSIO_PACE_S / self.time_scale, urgent=wake, needed=self.needed)
+        inlet = AsyncInlet(spec, self.queue, info=sighting.info, **options)
         inlet.start()
         self.inlets[spec.role] = inlet
         return inlet
 
+    def needed(self) -> float:
+        """The timestamp the physiology must reach before it may gather again."""
+        return self.need_until
+
     def _volume_arrived(self, chunk: Any) -> None:  # the fMRI reader thread
-        self._arrivals.append(chunk.receipt_time)
-        self.urgent.set()
-
-    def behind(self, now: float) -> bool:
-        """A volume has waited more than :data:`BEHIND_S` (session seconds) to be processed:
-        the loop is behind, and hurrying the physiology would only make it more so."""
-        arrivals = self._arrivals
-        return bool(arrivals) and (now - arrivals[0]) * self.time_scale > BEHIND_S
-
-    def settled(self, item: Any, engine: Any) -> None:
-        """After the engine took ``item``: stop hurrying the physiology once no volume
-        waits for it (none queued, none pending in the aligner)."""
-        if getattr(item, "role", None) is Role.FMRI and self._arrivals:
-            self._arrivals.popleft()
-        if not self._arrivals and engine.aligner.pending == 0:
-            self.urgent.clear()
+        if len(chunk.timestamps):
+            self.need_until = max(self.need_until, float(chunk.timestamps[-1]))
+        for wake in self._wakes:
+            wake.set()
 
     async def close(self) -> None:
         if self._closed:
@@ -337,6 +333,9 @@ class Hub:
         self._first_seen: dict[str, float] = {}  # session id -> when its fMRI stream appeared
         self._said: set[str] = set()
         self._snapshots: dict[str, Any] = {}
+        #: seconds between snapshot refreshes: the dashboard's frame period (a headless hub,
+        #: which only prints a summary line now and then, sets it longer)
+        self.snapshot_period = 0.25
         self._stop = asyncio.Event()
         self.batch: Any = None
         self.publisher: Any = None
@@ -360,6 +359,7 @@ class Hub:
         """Serve until :meth:`stop`; returns how each session ended (in the order they did)."""
         from emorecog_stream.adapters.lsl_discovery import StreamDirectory
         from emorecog_stream.engine.batch import StepBatch
+        from emorecog_stream.engine.gc_pause import freeze_long_lived
         from emorecog_stream.engine.rerun import one_blas_thread
         from emorecog_stream.engine.runner import RunError, load_model_for, mqtt_settings_for
         from emorecog_stream.sinks.broker import BrokerStartError, EmbeddedBroker
@@ -404,6 +404,7 @@ class Hub:
             # batched steps are small matrices: OpenBLAS's threads would cost more than they
             # save and spin beside the readers (engine/rerun.py measured it)
             stack.enter_context(one_blas_thread())
+            freeze_long_lived()  # set up: no full garbage collection in a step (gc_pause.py)
             try:
                 await self._serve()
             finally:
@@ -503,6 +504,11 @@ class Hub:
     def _wanted_listed(self, sightings: list[Any]) -> dict[str, tuple[Config, dict[Role, Any]]]:
         from emorecog_stream.engine.runner import inlet_specs
 
+        # sightings by name: a listed session's specs name their streams, so each looks at a
+        # handful of candidates, not every stream of every session (O(sessions x streams))
+        by_name: dict[str, list[Any]] = {}
+        for sighting in sightings:
+            by_name.setdefault(sighting.name, []).append(sighting)
         wanted = {}
         for session in self._listed:
             served = self._served.get(session.id)
@@ -512,8 +518,9 @@ class Hub:
                 else session_config(self.base, session, self.log_dir)
             )
             streams: dict[Role, Any] = {}
-            for spec in inlet_specs(config):
-                matches = [s for s in sightings if _matches(spec, s)]
+            for spec in served.specs.values() if served is not None else inlet_specs(config):
+                candidates = by_name.get(spec.name, []) if spec.name else sightings
+                matches = [s for s in candidates if _matches(spec, s)]
                 uids = {s.uid for s in matches}
                 if len(uids) == 1:
                     streams[spec.role] = matches[0]
@@ -603,6 +610,7 @@ class Hub:
 
     async def _session_pipeline(self, served: _Served) -> Any:
         from emorecog_stream.adapters.lsl_inlet import LslAdapterError
+        from emorecog_stream.engine.gc_pause import freeze_long_lived
         from emorecog_stream.engine.outputs import MarkerLog, MqttOutput, RunSummaryLog
         from emorecog_stream.engine.runner import RunError, _chunks, _summary
         from emorecog_stream.engine.session import Engine
@@ -661,9 +669,9 @@ class Hub:
             engine.stop()
         if self.on_engine is not None:
             self.on_engine(sid, engine)
+        freeze_long_lived()  # this session's engine, log and buffers live until it ends
         try:
-            chunks = _paced(served.inlets, _chunks(served.inlets, engine), engine)
-            counters = await engine.run(chunks)
+            counters = await engine.run(_chunks(served.inlets, engine))
         finally:
             if log_ is not None:
                 log_.close()
@@ -672,6 +680,9 @@ class Hub:
         return counters
 
     def _collect_finished(self) -> None:
+        from emorecog_stream.engine.gc_pause import collect_released
+
+        finished = False
         for sid, served in list(self._served.items()):
             if served.task is None or not served.task.done():
                 continue
@@ -685,6 +696,9 @@ class Hub:
             self.results.append(result)
             self._ended[sid] = served.fmri_uid
             self._publish_hub_status("online", "sessions changed")
+            finished = True
+        if finished:
+            collect_released()  # the ended sessions' memory back (gc_pause.py)
 
     async def _stop_all(self) -> None:
         for served in self._served.values():
@@ -707,11 +721,14 @@ class Hub:
         whole, so the dashboard's thread only ever reads finished ones."""
         while True:
             fresh = {}
-            for sid, served in self._served.items():
+            for sid, served in list(self._served.items()):
                 if served.engine is not None:
                     fresh[sid] = served.engine.snapshot(mqtt=self.publisher.stats)
+                    # one session at a time: 64 snapshots in one go (percentiles of every
+                    # session's latencies) held the loop for tens of ms, a step's p99
+                    await asyncio.sleep(0)
             self._snapshots = fresh
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(self.snapshot_period)
 
     def _say(self, text: str) -> None:
         print(text, file=self.out or sys.stdout, flush=True)
@@ -720,14 +737,6 @@ class Hub:
         if text not in self._said:
             self._said.add(text)
             self._say(text)
-
-
-async def _paced(inlets: SessionInlets, chunks: Any, engine: Any) -> Any:
-    """The session's chunks; after the engine took each one, tell the inlets whether a volume
-    still waits for physiology."""
-    async for item in chunks:
-        yield item
-        inlets.settled(item, engine)  # resumed: the engine has processed ``item``
 
 
 def _matches(spec: Any, sighting: Any) -> bool:

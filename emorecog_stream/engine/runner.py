@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from emorecog_stream.config import Config
 from emorecog_stream.core.streams import Role
+from emorecog_stream.engine.gc_pause import freeze_long_lived
 from emorecog_stream.engine.outputs import DashboardOutput, MarkerLog, MqttOutput, RunSummaryLog
 from emorecog_stream.engine.session import Chunk as EngineChunk
 from emorecog_stream.engine.session import Engine, EngineCounters, Output
@@ -275,6 +276,7 @@ async def run_engine(
                     installed.append(sig)
         if dashboard_output is not None:
             dashboard_output.start()
+        freeze_long_lived()  # set up: no full garbage collection in the middle of a step
         try:
             counters = await engine.run(_chunks(group, engine))
         finally:

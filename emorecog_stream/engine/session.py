@@ -337,7 +337,7 @@ class Engine:
             return []
         if stamps.size == 0:
             return []
-        self._input_errors.pop(role, None)
+        cleared = self._input_errors.pop(role, None) is not None
         if note:
             self._input_errors[role] = note
         self.counters.samples[role.value] = self.counters.samples.get(role.value, 0) + len(stamps)
@@ -362,8 +362,9 @@ class Engine:
             self._update_status()
             self._reschedule()
             return []
-        self.status_tracker.arrived(role, self.to_engine(received))
-        self._update_status()  # first: a stream coming back is waited for again
+        fresh = self.status_tracker.arrived(role, self.to_engine(received), self.session.tr)
+        if fresh or cleared or note:
+            self._update_status()  # first: a stream coming back is waited for again
         predictions = self._poll(ready_at=received)
         self._reschedule()
         return predictions
@@ -783,7 +784,12 @@ class Engine:
             if t is not None
         ]
         when = min(candidates) if candidates else None
-        if when == self._timer_at and self._timer is not None:
+        if self._timer is not None and self._timer_at is not None and (
+            when is None or when >= self._timer_at
+        ):
+            # the armed timer fires no later than needed: keep it (firing early is harmless,
+            # :meth:`_on_timer` re-arms for what is then due). Re-arming on every chunk, as
+            # each arrival moves the stall deadline, cost a cancelled timer per chunk.
             return
         if self._timer is not None:
             self._timer.cancel()

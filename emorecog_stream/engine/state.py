@@ -145,11 +145,23 @@ class StatusTracker:
         self.absent: dict[Role, str] = {}  # roles known to be unavailable, with the reason
         self.first_fmri: float | None = None
 
-    def arrived(self, role: Role, now: float) -> None:
-        if role is Role.FMRI and self.first_fmri is None:
-            self.first_fmri = now
+    def arrived(self, role: Role, now: float, tr: float | None = None) -> bool:
+        """Note that ``role`` delivered at ``now``; returns whether that can change
+        :meth:`status` (the role's first sample, a return from absence, or a silence long
+        enough to have counted as a stall). The usual arrival - a stream that keeps
+        delivering - cannot, so the engine skips recomputing the status for it: that was
+        a tenth of a busy hub's time. Changes that come with time alone (a stream falling
+        silent) are the engine timer's, armed at :meth:`next_change`."""
+        previous = self.last_arrival.get(role)
+        if role is Role.FMRI:
+            if self.first_fmri is None:
+                self.first_fmri = now
+            limit = self.fmri_stall_trs * tr if tr is not None else 0.0
+        else:
+            limit = self.stall_timeout
         self.last_arrival[role] = now
-        self.absent.pop(role, None)
+        was_absent = self.absent.pop(role, None) is not None
+        return previous is None or was_absent or now - previous > limit
 
     def mark_absent(self, role: Role, reason: str) -> None:
         self.absent[role] = reason
