@@ -36,11 +36,16 @@ def model():
 
 
 def hub_config(url: str):
-    """The hub's config for a sped-up replay: the aligner's deadline at 6 s of session time
-    (0.6 s of real time at speed 10) instead of 2 s, so that a busy CI machine's pause of a few
-    hundred ms is not taken for missing physiology. It changes nothing else: a step goes out
-    the moment its physiology is there, and the re-runs compared with never reach a deadline."""
-    return apply_overrides(load_config(None), {"mqtt.url": url, "aligner.deadline": 6.0})
+    """The hub's config for a sped-up replay: the aligner's deadline and the physiology stall
+    timeout at 6 s of session time (0.6 s of real time at speed 10) instead of 2 s, so that a
+    busy CI machine's pause of a few hundred ms is not taken for missing or stalled physiology
+    (seen: a session's step flagged heart and respiration rate missing while another session's
+    outlets were being torn down). It changes nothing else: a step goes out the moment its
+    physiology is there, and the re-runs compared with never reach a deadline or a stall."""
+    return apply_overrides(
+        load_config(None),
+        {"mqtt.url": url, "aligner.deadline": 6.0, "engine.stall_timeout": 6.0},
+    )
 
 
 def serve(base, sessions, group, model, log_dir, *, expect, ready=None, during=None, **kw):

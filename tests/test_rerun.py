@@ -61,7 +61,7 @@ def assert_same_predictions(live: list[dict], rerun: list[dict], live_stamp) -> 
     for a, b in zip(live, rerun, strict=True):
         assert set(a) == set(b)
         for key in EXACT:
-            assert a[key] == b[key], (key, a["sequence"], a[key], b[key])
+            assert a[key] == b[key], (key, a["sequence"], a[key], b[key], a["flags"], b["flags"])
         # LSL's clock correction moves live timestamps by microseconds (x10 at speed 10); the
         # heart rate moves by ~1e-4..1e-3 bpm and the outputs by ~1e-5..3e-5 (a CI run under
         # load: 3.2e-5; see tests/test_e2e.py), so 1e-4 (still far below any visible change)

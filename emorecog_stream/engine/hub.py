@@ -360,8 +360,8 @@ class Hub:
         from emorecog_stream.adapters.lsl_discovery import StreamDirectory
         from emorecog_stream.engine.batch import StepBatch
         from emorecog_stream.engine.gc_pause import freeze_long_lived
-        from emorecog_stream.engine.rerun import one_blas_thread
         from emorecog_stream.engine.runner import RunError, load_model_for, mqtt_settings_for
+        from emorecog_stream.model.blas_threads import one_blas_thread
         from emorecog_stream.sinks.broker import BrokerStartError, EmbeddedBroker
         from emorecog_stream.sinks.mqtt import MqttPublisher
 
@@ -612,7 +612,7 @@ class Hub:
         from emorecog_stream.adapters.lsl_inlet import LslAdapterError
         from emorecog_stream.engine.gc_pause import freeze_long_lived
         from emorecog_stream.engine.outputs import MarkerLog, MqttOutput, RunSummaryLog
-        from emorecog_stream.engine.runner import RunError, _chunks, _summary
+        from emorecog_stream.engine.runner import RunError, engine_chunks, run_summary
         from emorecog_stream.engine.session import Engine
         from emorecog_stream.engine.state import ROLE_RATES
         from emorecog_stream.sinks.mqtt import SessionChannel
@@ -651,9 +651,9 @@ class Hub:
         box.append(engine)
         served.engine = engine
         if resume is not None and resume.last_sequence is not None:
-            from emorecog_stream.engine.runner import _restart_note
+            from emorecog_stream.engine.runner import restart_note
 
-            engine.continue_from(resume.last_sequence + 1, _restart_note(resume))
+            engine.continue_from(resume.last_sequence + 1, restart_note(resume))
         if log_ is not None:
             log_.on_error = lambda text: engine.set_output_problem(
                 "log", f"session log not written: {text}" if text else None
@@ -671,12 +671,12 @@ class Hub:
             self.on_engine(sid, engine)
         freeze_long_lived()  # this session's engine, log and buffers live until it ends
         try:
-            counters = await engine.run(_chunks(served.inlets, engine))
+            counters = await engine.run(engine_chunks(served.inlets, engine))
         finally:
             if log_ is not None:
                 log_.close()
         # the MQTT counters are the hub's one connection's, not this session's own
-        self._say(f"[{sid}] " + _summary(engine, channel, log_).replace("MQTT", "hub MQTT", 1))
+        self._say(f"[{sid}] " + run_summary(engine, channel, log_).replace("MQTT", "hub MQTT", 1))
         return counters
 
     def _collect_finished(self) -> None:
@@ -759,12 +759,12 @@ async def _wait_connected(inlets: SessionInlets, roles: list[Role], timeout: flo
 
 def _open_log(config: Config, model: Any, broker_url: str, time_scale: float) -> tuple[Any, Any]:
     """The session's JSONL log (None when not configured) and where an earlier run ended."""
-    from emorecog_stream.engine.runner import RunError, _resume_point
+    from emorecog_stream.engine.runner import RunError, log_resume_point
     from emorecog_stream.sinks.jsonl import JsonlLog, JsonlLogError
 
     if not config.output.log:
         return None, None
-    resume = _resume_point(config.output.log, config.session.id)
+    resume = log_resume_point(config.output.log, config.session.id)
     meta: dict[str, Any] = {"broker": broker_url, "time_scale": time_scale}
     if resume is not None and resume.last_sequence is not None:
         meta["continues"] = {

@@ -30,16 +30,13 @@ every session still running.
 from __future__ import annotations
 
 import asyncio
-import functools
 import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,7 @@ from emorecog_stream.config import Config, apply_overrides, load_config
 from emorecog_stream.core.streams import Role
 from emorecog_stream.engine.batch import StepBatch
 from emorecog_stream.engine.session import Engine, EngineCounters, Output
+from emorecog_stream.model.blas_threads import one_blas_thread
 from emorecog_stream.recordings.session import Session
 
 #: The live timer fires this long after the moment it was armed for (see Engine._reschedule).
@@ -383,72 +381,6 @@ async def rerun_session(
     return await run.close(seconds)
 
 
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """NumPy's BLAS on one thread while inside (restored after).
-
-    Why: a batched model step multiplies (sessions x inputs) matrices, large enough for
-    OpenBLAS to split each product over threads. At this size the hand-off costs more than it
-    saves, and beside other busy processes (the other workers, a broker) its threads spin
-    for a core: measured, 16 sessions batched took twice the CPU of 16 stepped alone, and a
-    third less with one thread. Uses OpenBLAS's own call (found among the loaded libraries,
-    Linux; microseconds once found), else threadpoolctl where installed (a few ms a call);
-    neither: nothing changes.
-    """
-    calls = _openblas_thread_calls()
-    if calls:
-        before = [int(get()) for get, _ in calls]
-        for _, put in calls:
-            put(1)
-        try:
-            yield
-        finally:
-            for (_, put), n in zip(calls, before, strict=True):
-                put(n)
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@functools.cache
-def _openblas_thread_calls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
-    """Get/set the number of threads of every OpenBLAS loaded in this process (NumPy's, SciPy's
-    own copy, ...); looked up once, empty where none is found (not Linux, another BLAS)."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            paths = sorted(
-                {
-                    line.split()[-1]
-                    for line in f
-                    if "openblas" in line.lower() and line.split()[-1].startswith("/")
-                }
-            )
-    except OSError:
-        return ()
-    calls = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in product(("scipy_openblas", "openblas"), ("64_", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype = ctypes.c_int
-                put.argtypes = [ctypes.c_int]
-                calls.append((get, put))
-                break
-    return tuple(calls)
-
-
 async def rerun_group(
     jobs: Sequence[RerunJob],
     model: Any,
@@ -652,7 +584,6 @@ __all__ = [
     "RerunResult",
     "config_for",
     "load_worker_model",
-    "one_blas_thread",
     "rerun_group",
     "rerun_many",
     "rerun_session",

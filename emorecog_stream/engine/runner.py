@@ -169,7 +169,7 @@ async def run_engine(
         resume = None
         if config.output.log:
             # a restart on the same session and log (after a crash) numbers on from the log
-            resume = _resume_point(config.output.log, session)
+            resume = log_resume_point(config.output.log, session)
             meta: dict[str, Any] = {"broker": settings.url, "time_scale": time_scale}
             if resume is not None:
                 meta["continues"] = {
@@ -207,7 +207,7 @@ async def run_engine(
             ) from None
         stack.push_async_callback(group.close)
 
-        note = _restart_note(resume)
+        note = restart_note(resume)
         publisher = MqttPublisher(
             settings,
             session,
@@ -278,12 +278,12 @@ async def run_engine(
             dashboard_output.start()
         freeze_long_lived()  # set up: no full garbage collection in the middle of a step
         try:
-            counters = await engine.run(_chunks(group, engine))
+            counters = await engine.run(engine_chunks(group, engine))
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await engine.aclose()
-        say(("\n" if dashboard_output is not None else "") + _summary(engine, publisher, log))
+        say(("\n" if dashboard_output is not None else "") + run_summary(engine, publisher, log))
         return counters
 
 
@@ -302,8 +302,10 @@ async def _wait_optional(group: Any, roles: list[Role], timeout: float) -> dict[
         await asyncio.sleep(0.05)
 
 
-async def _chunks(group: Any, engine: Engine) -> Any:
-    """Chunks for the engine; inlet state events become notes on the engine's status."""
+async def engine_chunks(group: Any, engine: Engine) -> Any:
+    """Chunks for the engine; inlet state events become notes on the engine's status.
+    ``group``: an :class:`~emorecog_stream.adapters.lsl_inlet.InletGroup`, or a hub's
+    ``SessionInlets``."""
     from emorecog_stream.adapters.lsl_inlet import Chunk, StreamEvent
 
     registered: set[Role] = set()
@@ -339,7 +341,9 @@ def _describe_stream(config: Config, role: Role) -> str:
     return " ".join(parts)
 
 
-def _resume_point(path: str, session: str) -> Any:
+def log_resume_point(path: str, session: str) -> Any:
+    """Where an earlier run of ``session`` in the JSONL log at ``path`` ended (None: no log,
+    no earlier run, or unreadable). Shared with the hub, which opens one log per session."""
     from emorecog_stream.sinks.jsonl import resume_point
 
     try:
@@ -348,7 +352,7 @@ def _resume_point(path: str, session: str) -> Any:
         return None  # unreadable: opening it for appending will say why
 
 
-def _restart_note(resume: Any) -> str:
+def restart_note(resume: Any) -> str:
     """What the status says about an earlier run of this session in the same log."""
     if resume is None or resume.last_sequence is None:
         return ""
@@ -368,7 +372,8 @@ def _mqtt_state(stats: Any) -> str:
     return text
 
 
-def _summary(engine: Engine, publisher: Any, log: Any = None) -> str:
+def run_summary(engine: Engine, publisher: Any, log: Any = None) -> str:
+    """The line printed when a session stops (shared with the hub: one per session)."""
     c = engine.counters
     s = publisher.stats
     lat = engine.telemetry.latency.summary()
