@@ -1,9 +1,10 @@
 """Keep Python's cyclic garbage collector out of the latency path.
 
 Why: a full (generation 2) collection walks every tracked object of the process. With torch,
-numpy and the engine loaded that is ~150,000 objects and ~90 ms on the lab machines we
-measured, paid at a moment nobody chooses - in the middle of a step, as a p99 spike of
-the end-to-end latency (the hub at 64 sessions: p50 5 ms, p99 150-230 ms). What the
+numpy and the engine loaded that is ~150,000 objects and ~90 ms on the 2-core development
+machine, paid at a moment nobody chooses - in the middle of a step. In a 64-session hub run,
+full collections of 120-330 ms (wall, on a loaded machine) were logged while p99 stood at
+150-230 ms. What the
 process holds once it serves (modules, the model's weights, each session's engine and
 buffers) lives until the end anyway, so it is moved out of the collector's sight
 (:func:`gc.freeze`): collections then only walk what was made since, and take well under a
