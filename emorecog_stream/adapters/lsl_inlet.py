@@ -66,6 +66,7 @@ from emorecog_stream.core.streams import MOTION_CHANNELS, N_ROIS, Role
 
 log = logging.getLogger(__name__)
 
+
 class LslAdapterError(Exception):
     """Base of the errors an inlet raises (each message names what was expected and found)."""
 

@@ -402,7 +402,7 @@ class Hub:
                 self._read_sessions_file(first=True)
             snapshots = asyncio.ensure_future(self._refresh_snapshots())
             # batched steps are small matrices: OpenBLAS's threads would cost more than they
-            # save and spin beside the readers (engine/rerun.py measured it)
+            # save and spin beside the readers (model/blas_threads.py says what was measured)
             stack.enter_context(one_blas_thread())
             freeze_long_lived()  # set up: no full garbage collection in a step (gc_pause.py)
             try:
